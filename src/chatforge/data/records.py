@@ -1,0 +1,172 @@
+"""Canonical records: every reader produces these, every trainer consumes them.
+
+Four kinds, all plain dataclasses that round-trip through one JSON object per line:
+
+* ``Conversation`` -- ``messages`` (OpenAI style) for supervised fine-tuning.
+* ``Preference``  -- a prompt plus a ``chosen`` and a ``rejected`` assistant message.
+* ``Ranking``     -- a prompt plus K >= 2 responses ordered best -> worst.
+* ``Prompt``      -- a prompt only, for RL rollouts and evaluation.
+
+``meta`` carries provenance (``source`` file, ``line``, original ``id``) so an error or a
+rejected record can always be traced back to the byte it came from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Union
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+Message = dict[str, str]  # {"role": ..., "content": ...}
+
+
+class RecordError(ValueError):
+    """A record that violates its kind's invariants (reason is user-facing)."""
+
+
+def msg(role: str, content: str) -> Message:
+    return {"role": role, "content": content}
+
+
+def _check_messages(messages: list[Message], what: str) -> None:
+    if not isinstance(messages, list):
+        raise RecordError(f"{what} must be a list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RecordError(f"{what}[{i}] must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise RecordError(f"{what}[{i}] has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise RecordError(f"{what}[{i}].content must be a string")
+
+
+def _check_prompt(prompt: list[Message]) -> None:
+    _check_messages(prompt, "prompt")
+    if not prompt or prompt[-1]["role"] != "user":
+        raise RecordError("prompt must end with a user message")
+
+
+@dataclass
+class Conversation:
+    messages: list[Message]
+    meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = field(default="conversation", init=False)
+
+    def validate(self) -> "Conversation":
+        _check_messages(self.messages, "messages")
+        if not any(m["role"] == "assistant" for m in self.messages):
+            raise RecordError("conversation has no assistant message to learn from")
+        return self
+
+    @property
+    def prompt(self) -> list[Message]:
+        """Everything before the last assistant message (used for evaluation)."""
+        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        return self.messages[:last]
+
+
+@dataclass
+class Preference:
+    prompt: list[Message]
+    chosen: Message
+    rejected: Message
+    meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = field(default="preference", init=False)
+
+    def validate(self) -> "Preference":
+        _check_prompt(self.prompt)
+        _check_messages([self.chosen, self.rejected], "chosen/rejected")
+        return self
+
+
+@dataclass
+class Ranking:
+    prompt: list[Message]
+    responses: list[Message]  # best -> worst, no ties
+    meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = field(default="ranking", init=False)
+
+    def validate(self) -> "Ranking":
+        _check_prompt(self.prompt)
+        _check_messages(self.responses, "responses")
+        if len(self.responses) < 2:
+            raise RecordError(f"a ranking needs at least 2 responses, got {len(self.responses)}")
+        return self
+
+    def pairs(self) -> list[Preference]:
+        """All K(K-1)/2 (better, worse) pairs implied by the ranking."""
+        out = []
+        for i in range(len(self.responses)):
+            for j in range(i + 1, len(self.responses)):
+                out.append(Preference(self.prompt, self.responses[i], self.responses[j], dict(self.meta, pair=[i, j])))
+        return out
+
+
+@dataclass
+class Prompt:
+    prompt: list[Message]
+    meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = field(default="prompt", init=False)
+
+    def validate(self) -> "Prompt":
+        _check_prompt(self.prompt)
+        return self
+
+
+Record = Union[Conversation, Preference, Ranking, Prompt]
+KINDS: dict[str, type] = {"conversation": Conversation, "preference": Preference, "ranking": Ranking, "prompt": Prompt}
+
+
+def to_dict(rec: Record) -> dict[str, Any]:
+    d: dict[str, Any] = {"kind": rec.kind}
+    for k, v in rec.__dict__.items():
+        if k != "kind":
+            d[k] = v
+    return d
+
+
+def from_dict(d: dict[str, Any]) -> Record:
+    """Inverse of :func:`to_dict`; raises :class:`RecordError` with the reason."""
+    kind = d.get("kind")
+    if kind not in KINDS:
+        raise RecordError(f"unknown record kind {kind!r}")
+    cls = KINDS[kind]
+    fields = {k: v for k, v in d.items() if k != "kind"}
+    try:
+        rec = cls(**fields)
+    except TypeError as e:
+        raise RecordError(f"bad {kind} record: {e}") from None
+    return rec.validate()
+
+
+def write_jsonl(records: Iterable[Record | dict], path: str | Path) -> int:
+    """Write records (or plain dicts) as JSON Lines; returns the count."""
+    n = 0
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r if isinstance(r, dict) else to_dict(r), ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def iter_canonical(path: str | Path) -> Iterator[Record]:
+    """Read a canonical JSONL file written by :func:`write_jsonl`."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield from_dict(json.loads(line))
+                except (json.JSONDecodeError, RecordError) as e:
+                    raise RecordError(f"{path}:{i}: {e}") from None
+
+
+def prompt_of(rec: Record) -> list[Message]:
+    """The prompt messages of any record kind (for rollouts and evaluation)."""
+    if isinstance(rec, Conversation):
+        return rec.prompt
+    return rec.prompt

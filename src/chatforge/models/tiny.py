@@ -1,0 +1,105 @@
+"""Tiny, deterministic models for tests and the CI recipe.
+
+A micro Llama (hidden 64, 2 layers) over a byte-level BPE of <= 512 tokens steps in
+~10-30 ms on a CPU, so whole SFT -> RM -> PPO/DPO pipelines run in seconds. The
+tokenizer is trained on a fixed corpus, so ``tiny_tokenizer()`` is identical on every
+machine, and it carries the ChatML chat template SmolLM2 uses (minus the default system
+prompt), so template-dependent code paths are exercised exactly as on the real model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = """\
+system user assistant human bot the a an and or but if then else when where why how what who which
+You are a helpful assistant. Answer the question. Give three tips for staying healthy.
+Eat a balanced diet, exercise regularly and get enough sleep. The sky is blue. The grass is green.
+Translate the sentence into French. Write a short poem about the sea. Summarise the text below.
+I like blue. Say the word blue. What colour is the sky? It is blue. Tell me a joke about cats.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 100 1000. What is 2 + 2? 2 + 2 = 4. What is 3 * 7? 21.
+Yes. No. Thank you! Sorry, I cannot help with that. Sure, here is an answer. Hello, how are you?
+Once upon a time there was a little robot who wanted to learn to talk. It read many books.
+The quick brown fox jumps over the lazy dog. Please explain photosynthesis in simple words.
+Plants use sunlight, water and carbon dioxide to make sugar and oxygen. That is photosynthesis.
+apple banana cherry orange grape lemon water coffee tea milk bread rice fish chicken soup salad
+Monday Tuesday Wednesday Thursday Friday Saturday Sunday morning evening night today tomorrow
+good bad great terrible happy sad angry calm fast slow big small hot cold new old first last
+"""
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(vocab_size: int = 512):
+    """A deterministic byte-level BPE (any text encodes) with the ChatML template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json(vocab_size)),
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    tok.model_max_length = 2048
+    return tok
+
+
+def tiny_config(vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                max_positions: int = 2048):
+    from transformers import LlamaConfig
+
+    tok = tiny_tokenizer(vocab_size)
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+
+
+def tiny_model(seed: int = 0, **config_kw):
+    """A randomly initialised micro Llama; the same weights for the same seed."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    cfg = tiny_config(**config_kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+    return model
