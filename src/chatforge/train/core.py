@@ -1,0 +1,325 @@
+"""What every training loop shares: config fields, device/precision/distribution set-up
+(accelerate), optimizer and schedule, deterministic sharded batching, checkpoints with
+exact resume. The loops themselves (sft.py, rm.py, dpo.py, ppo.py) stay in the open.
+
+Levers, in the order they matter on a 2-core CPU: bf16 autocast (~3x fp32 matmul here,
+fp32 master weights and optimizer state stay), sequence packing (no pad tokens computed),
+LoRA (optimizer state and gradients for <2% of the weights), gradient checkpointing
+(memory, not speed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+
+from chatforge.config import check_range
+from chatforge.errors import ConfigError
+from chatforge.models.lora import LoraSettings, apply_lora, is_peft
+from chatforge.runs import Run, checkpoint_step
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by every trainer. Defaults suit SmolLM2-135M on a 2-core CPU."""
+
+    model: str = "smollm2"
+    data: list[str] = field(default_factory=list)
+    eval_data: list[str] = field(default_factory=list)
+    eval_fraction: float = 0.05        # held out from `data` when `eval_data` is empty
+    max_eval_records: int = 200
+    format: str | None = None          # force a reader format (default: auto-detect)
+    template: str = "auto"             # chat template: the tokenizer's own, or chatml/alpaca/human-bot/hugchat
+    out: str = "runs/run"
+    seed: int = 0
+    max_len: int = 512
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_steps: int = 0                 # optimizer steps; 0 = derive from epochs
+    epochs: float = 1.0
+    max_minutes: float = 0.0           # wall-clock budget; 0 = none. Stops cleanly and saves.
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    lora: bool = False
+    lora_cfg: LoraSettings = field(default_factory=LoraSettings)
+    log_every: int = 5
+    eval_every: int = 50
+    save_every: int = 100
+    keep_last: int = 3
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        check_range("lr", self.lr, 0, 1, lo_open=True)
+        check_range("batch_size", self.batch_size, 1, None)
+        check_range("grad_accum", self.grad_accum, 1, None)
+        check_range("max_len", self.max_len, 8, 1_000_000)
+        check_range("eval_fraction", self.eval_fraction, 0, 0.9)
+        check_range("max_steps", self.max_steps, 0, None)
+        check_range("epochs", self.epochs, 0, None, lo_open=True)
+        check_range("warmup_steps", self.warmup_steps, 0, None)
+        check_range("grad_clip", self.grad_clip, 0, None)
+        check_range("weight_decay", self.weight_decay, 0, 10)
+        check_range("max_minutes", self.max_minutes, 0, None)
+        for k in ("log_every", "eval_every", "save_every"):
+            check_range(k, getattr(self, k), 1, None)
+        self.lora_cfg.validate()
+
+
+# ---------------------------------------------------------------- set-up
+def setup_accelerator(cfg: TrainConfig):
+    """An ``Accelerator`` with the precision policy applied; works unchanged under
+    ``torchrun``/``accelerate launch`` (DDP over gloo on CPU, NCCL on GPUs)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from chatforge.models.load import autocast_dtype
+
+    mp = mixed_precision(cfg)
+    acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    if acc.device.type == "cpu" and mp == "bf16" and autocast_dtype(acc.device) is None:
+        acc.print("warning: bf16 requested on a CPU without native bf16; it will be slow")
+    return acc
+
+
+def mixed_precision(cfg: TrainConfig) -> str:
+    from chatforge.models.load import autocast_dtype
+
+    if cfg.precision == "fp32":
+        return "no"
+    if cfg.precision in ("bf16", "fp16"):
+        return cfg.precision
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = autocast_dtype(dev)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "no"}[dt]
+
+
+def prepare_model(model, cfg: TrainConfig):
+    """LoRA wrap (if asked) and gradient checkpointing. Weights stay fp32 (master copy)."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora and not is_peft(model):
+        model = apply_lora(model, cfg.lora_cfg)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw: dict[str, Any] = {"lr": cfg.lr, "betas": (0.9, 0.95), "eps": 1e-8}
+    if torch.cuda.is_available():
+        kw["fused"] = True
+    else:
+        kw["foreach"] = True
+    return torch.optim.AdamW([g for g in groups if g["params"]], **kw)
+
+
+def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    warm = min(cfg.warmup_steps, max(0, total_steps - 1))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warm, total_steps, cfg.schedule))
+
+
+def total_steps(cfg: TrainConfig, n_examples: int, world: int = 1) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    return max(1, math.ceil(cfg.epochs * n_examples / per_step))
+
+
+# ---------------------------------------------------------------- data order
+def batch_indices(n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                  start_batch: int = 0) -> Iterator[list[int]]:
+    """Endless stream of this rank's micro-batches over ``n`` examples.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch); a global batch of
+    ``batch_size * world`` indices is cut into ``world`` disjoint shards, so ranks never
+    see the same example in a step. ``start_batch`` skips already-consumed global
+    batches (exact resume).
+    """
+    if n == 0:
+        raise ConfigError("no training examples")
+    g = batch_size * world
+    per_epoch = max(1, n // g) if n >= g else 1
+    b = start_batch
+    while True:
+        epoch, i = divmod(b, per_epoch)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        if n < g:
+            perm = np.resize(perm, g)
+        chunk = perm[i * g:(i + 1) * g]
+        yield chunk[rank * batch_size:(rank + 1) * batch_size].tolist()
+        b += 1
+
+
+# ---------------------------------------------------------------- save / resume
+def unwrap(accelerator, model):
+    return accelerator.unwrap_model(model) if accelerator is not None else model
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """HF format: full model (safetensors) or LoRA adapter, tokenizer with its chat
+    template, and the generation config -- loadable by plain transformers/peft."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and not (out / "generation_config.json").exists():
+        try:
+            gen.save_pretrained(out)
+        except Exception:  # an invalid generation config must not lose a checkpoint
+            pass
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(run: Run, step: int, accelerator, model, tokenizer, optimizer=None, scheduler=None,
+                    extra: dict[str, Any] | None = None, keep_last: int = 3, extra_modules: dict | None = None) -> Path:
+    """Model + trainer state, atomically published as ``checkpoints/step-N``.
+
+    ``extra_modules`` (name -> nn.Module) are saved as ``<name>.safetensors`` (value heads).
+    """
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    m = unwrap(accelerator, model)
+    rank = accelerator.process_index if accelerator is not None else 0
+
+    def write(tmp: Path) -> None:
+        save_model(m, tokenizer, tmp)
+        st = tmp / "trainer_state"
+        st.mkdir()
+        state = {"step": step, "extra": extra or {}}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.state_dict()
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        torch.save(state, st / "state.pt")
+        torch.save(_rng_state(), st / f"rng_{rank}.pt")
+        if extra_modules:
+            from safetensors.torch import save_file
+
+            for name, mod in extra_modules.items():
+                save_file({k: v.detach().contiguous().cpu() for k, v in unwrap(accelerator, mod).state_dict().items()},
+                          str(tmp / f"{name}.safetensors"))
+
+    path = run.save_checkpoint(step, write, keep_last=keep_last)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return path
+
+
+def load_weights_into(model, ckpt: Path) -> None:
+    """Load a checkpoint's weights into an already-built (possibly PEFT) model."""
+    from safetensors.torch import load_file
+
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+        return
+    files = sorted(ckpt.glob("model*.safetensors"))
+    if not files:
+        raise ConfigError(f"{ckpt}: no model weights to resume from")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied embeddings are not saved twice
+    if missing or unexpected:
+        raise ConfigError(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def resume_from(run: Run, accelerator, model, optimizer=None, scheduler=None, extra_modules: dict | None = None
+                ) -> dict[str, Any] | None:
+    """Restore the newest checkpoint into the given objects; returns its ``extra`` state
+    (with ``step``), or None when there is nothing to resume."""
+    ck = run.latest_checkpoint()
+    if ck is None:
+        return None
+    m = unwrap(accelerator, model)
+    load_weights_into(m, ck)
+    state = torch.load(ck / "trainer_state" / "state.pt", map_location="cpu", weights_only=False)
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    if extra_modules:
+        from safetensors.torch import load_file
+
+        for name, mod in extra_modules.items():
+            unwrap(accelerator, mod).load_state_dict(load_file(str(ck / f"{name}.safetensors")))
+    rank = accelerator.process_index if accelerator is not None else 0
+    rng = ck / "trainer_state" / f"rng_{rank}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    run.truncate_metrics(state["step"])
+    out = dict(state.get("extra", {}))
+    out["step"] = state["step"]
+    out["checkpoint"] = str(ck)
+    return out
+
+
+def finish(run: Run, accelerator, model, tokenizer, step: int, **summary: Any) -> Path:
+    """Final checkpoint -> ``model/``, ``summary.json``, ``DONE``."""
+    ck = run.latest_checkpoint()
+    if ck is None or checkpoint_step(ck) != step:
+        ck = save_checkpoint(run, step, accelerator, model, tokenizer, keep_last=0)
+    if accelerator is None or accelerator.is_main_process:
+        run.publish_model(ck)
+        run.write_summary(steps=step, **summary)
+        run.mark_done()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return run.path / "model"
+
+
+def tokens_per_second(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def env_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
