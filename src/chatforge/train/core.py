@@ -256,6 +256,9 @@ def load_weights_into(model, ckpt: Path) -> None:
     """Load a checkpoint's weights into an already-built (possibly PEFT) model."""
     from safetensors.torch import load_file
 
+    if hasattr(model, "load_checkpoint_weights"):  # a model with its own layout (reward model)
+        model.load_checkpoint_weights(ckpt)
+        return
     if is_peft(model):
         from peft import set_peft_model_state_dict
 
