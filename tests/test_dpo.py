@@ -99,3 +99,84 @@ def test_rankings_expand_and_bad_pairs_are_reported():
     assert report.skipped == {"identical chosen and rejected": 1, "empty response": 1,
                               "prompt record (DPO needs preference or ranking data)": 1}
     assert report.first[0] == "p.jsonl:2: identical chosen and rejected"
+
+
+# ---------------------------------------------------------------- log-probs and the reference
+def _tiny_pairs(n: int = 6, seed: int = 0):
+    from chatforge.train.dpo import IGNORE, PairExample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = torch.randint(3, 500, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+        c = torch.randint(3, 500, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+        r = torch.randint(3, 500, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+        out.append(PairExample(p + c, [IGNORE] * len(p) + c, p + r, [IGNORE] * len(p) + r, [msg("user", str(i))]))
+    return out
+
+
+def _plain_logps(model, ids: list[int], labels: list[int]) -> float:
+    """The textbook computation: full logits, log_softmax, gather the labelled next tokens."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    lp = torch.log_softmax(logits, -1)
+    tgt = torch.tensor(labels[1:])
+    keep = tgt != -100
+    return lp[keep].gather(1, tgt[keep, None]).sum().item()
+
+
+class _Acc:
+    """Enough of an Accelerator for the reference pass on one process."""
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    @staticmethod
+    def autocast():
+        from contextlib import nullcontext
+        return nullcontext()
+
+
+def test_cached_reference_equals_fresh_forward_of_frozen_model(tmp_path):
+    from chatforge.models.tiny import tiny_model
+    from chatforge.train.dpo import SequenceLogps, backbone_and_head, reference_logps
+
+    model = tiny_model()
+    assert backbone_and_head(model) is not None  # the response-only LM-head path is the one tested
+    pairs = _tiny_pairs()
+    cfg = DPOConfig(model="tiny", ref_batch_size=4)  # 6 pairs -> an uneven last batch, mixed lengths
+    cache = tmp_path / "ref_logps.pt"
+    ref = reference_logps(model, cfg, {"train": pairs}, pad_id=0, accelerator=_Acc(), cache=cache)["train"]
+    fresh = [[_plain_logps(model, p.chosen_ids, p.chosen_labels), _plain_logps(model, p.rejected_ids, p.rejected_labels)]
+             for p in pairs]
+    assert torch.allclose(ref, torch.tensor(fresh), atol=1e-4)
+    # the cache is reused for the same data, and ignored for different data
+    assert cache.exists()
+    torch.save({"fingerprint": torch.load(cache)["fingerprint"], "logps": {"train": ref + 1}}, cache)
+    assert torch.equal(reference_logps(model, cfg, {"train": pairs}, 0, _Acc(), cache)["train"], ref + 1)
+    other = _tiny_pairs(seed=1)
+    assert not torch.equal(reference_logps(model, cfg, {"train": other}, 0, _Acc(), cache)["train"][:1], ref[:1] + 1)
+    # the training forward (chosen and rejected in one padded batch) agrees with the cache
+    from chatforge.train.dpo import collate_pairs
+    logps, ntok = SequenceLogps(model)(**collate_pairs(pairs, 0))
+    assert torch.allclose(logps, torch.cat([ref[:, 0], ref[:, 1]]), atol=1e-4)
+    assert ntok.tolist() == [sum(l != -100 for l in p.chosen_labels[1:]) for p in pairs] + \
+        [sum(l != -100 for l in p.rejected_labels[1:]) for p in pairs]
+
+
+def test_lora_adapter_off_gives_base_model_logps():
+    from chatforge.models.lora import LoraSettings, apply_lora
+    from chatforge.models.tiny import tiny_model
+    from chatforge.train.dpo import reference_logps, score_pairs, SequenceLogps
+
+    pairs = _tiny_pairs()
+    base = [[_plain_logps(tiny_model(), p.chosen_ids, p.chosen_labels),
+             _plain_logps(tiny_model(), p.rejected_ids, p.rejected_labels)] for p in pairs]
+    model = apply_lora(tiny_model(), LoraSettings(r=4, dropout=0.0))
+    with torch.no_grad():  # a trained adapter: B != 0, so adapter-on differs from the base
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    on = score_pairs(SequenceLogps(model), pairs, 4, 0)
+    assert not torch.allclose(on, torch.tensor(base), atol=1e-2)
+    off = reference_logps(model, DPOConfig(model="tiny", lora=True), {"train": pairs}, 0, _Acc(), None)["train"]
+    assert torch.allclose(off, torch.tensor(base), atol=1e-4)
+    assert torch.allclose(score_pairs(SequenceLogps(model), pairs, 4, 0), on)  # adapter back on afterwards
