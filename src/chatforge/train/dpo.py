@@ -499,8 +499,8 @@ def pair_metrics(pol: torch.Tensor, ref: torch.Tensor, cfg: DPOConfig) -> dict[s
 
 
 def sample(model, tokenizer, prompts: list[list[dict[str, str]]], cfg: DPOConfig, max_new_tokens: int,
-           temperature: float) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) for each prompt, drawn with the shared engine (fixed seed)."""
+           temperature: float) -> list[tuple[list[int], list[int], str]]:
+    """(prompt ids, response ids, response text) per prompt, from the shared engine (fixed seed)."""
     from chatforge.data.tokenize import encode_prompt
     from chatforge.generate.engine import Engine, SamplingConfig
 
@@ -508,15 +508,15 @@ def sample(model, tokenizer, prompts: list[list[dict[str, str]]], cfg: DPOConfig
     was_training = model.training
     model.eval()
     comps = Engine(model, tokenizer).generate(prompt_ids, SamplingConfig(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0, seed=cfg.seed, logprobs=False))
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.seed))
     model.train(was_training)
-    return [(p, list(c.token_ids)) for p, c in zip(prompt_ids, comps)]
+    return [(p, list(c.token_ids), c.text) for p, c in zip(prompt_ids, comps)]
 
 
-def response_logps(model, samples: list[tuple[list[int], list[int]]], cfg: DPOConfig, pad_id: int,
+def response_logps(model, samples: list[tuple[list[int], list[int], str]], cfg: DPOConfig, pad_id: int,
                    autocast=nullcontext) -> torch.Tensor:
     """Sequence log-prob of each sampled response under ``model`` (teacher forced)."""
-    pairs = [PairExample(p + r, [IGNORE] * len(p) + r, p + r, [IGNORE] * len(p) + r, []) for p, r in samples]
+    pairs = [PairExample(p + r, [IGNORE] * len(p) + r, p + r, [IGNORE] * len(p) + r, []) for p, r, _ in samples]
     return score_pairs(SequenceLogps(model), pairs, cfg.ref_batch_size, pad_id, autocast)[:, 0]
 
 
@@ -532,7 +532,7 @@ def kl_to_reference(model, tokenizer, prompts, cfg: DPOConfig, pad_id: int, auto
     pol = response_logps(model, samples, cfg, pad_id, autocast)
     with reference_of(model, cfg) as ref:
         ref_lp = response_logps(ref, samples, cfg, pad_id, autocast)
-    n_tok = sum(len(r) for _, r in samples)
+    n_tok = sum(len(r) for _, r, _ in samples)
     return {"kl": (pol - ref_lp).mean().item(), "kl_per_token": ((pol - ref_lp).sum() / n_tok).item(),
             "sample_len": n_tok / len(samples)}
 
@@ -540,19 +540,17 @@ def kl_to_reference(model, tokenizer, prompts, cfg: DPOConfig, pad_id: int, auto
 def judge_win_rate(model, tokenizer, prompts, cfg: DPOConfig) -> dict[str, float]:
     """Reward-model-judged win rate of the trained policy vs the starting policy: both answer
     the same held-out prompts greedily, the RM ``cfg.judge`` scores both (ties count half)."""
-    from chatforge.train.rm import load_scorer
+    from chatforge.models.heads import load_reward_model, score_texts
 
     prompts = prompts[:cfg.judge_prompts]
     ours = sample(model, tokenizer, prompts, cfg, cfg.judge_max_new_tokens, 0.0)
     with reference_of(model, cfg) as ref:
         theirs = sample(ref, tokenizer, prompts, cfg, cfg.judge_max_new_tokens, 0.0)
-    scorer = load_scorer(cfg.judge)
-
-    def texts(samples):
-        return [tokenizer.decode(r, skip_special_tokens=True).strip() for _, r in samples]
-
-    s_ours = torch.tensor(scorer.score(prompts, texts(ours)), dtype=torch.float32)
-    s_theirs = torch.tensor(scorer.score(prompts, texts(theirs)), dtype=torch.float32)
+    rm, rm_tok = load_reward_model(cfg.judge, device=str(next(model.parameters()).device))
+    rm_tok = rm_tok or tokenizer
+    s_ours = torch.tensor(score_texts(rm, rm_tok, prompts, [t for _, _, t in ours]))
+    s_theirs = torch.tensor(score_texts(rm, rm_tok, prompts, [t for _, _, t in theirs]))
+    del rm
     return {"win_rate": reward_accuracy(s_ours, s_theirs).mean().item(), "judge_prompts": len(prompts),
             "judge_score_policy": s_ours.mean().item(), "judge_score_start": s_theirs.mean().item()}
 
@@ -586,7 +584,9 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
 
     # model, reference cache (before any update: the model is the reference now)
     model = core.prepare_model(load_policy(cfg.model), cfg).to(acc.device)
+    t_ref = time.time()
     ref = reference_logps(model, cfg, {"train": train_set, "eval": eval_set}, pad_id, acc, run.path / "ref_logps.pt")
+    t_ref = time.time() - t_ref
 
     # optimizer, schedule, resume
     steps = core.total_steps(cfg, len(train_set), acc.num_processes)
@@ -678,7 +678,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
     bar.close()
     train_s = time.time() - t0
 
-    summary: dict[str, Any] = {"train_time_s": round(train_s, 1), "planned_steps": steps, "data": report.to_dict(),
+    summary: dict[str, Any] = {"train_time_s": round(train_s, 1), "reference_time_s": round(t_ref, 1), "planned_steps": steps, "data": report.to_dict(),
                                "train_pairs": len(train_set), "eval_pairs": len(eval_set),
                                **{k: v for k, v in last_eval.items()}}
     if cfg.judge and prompts and acc.is_main_process:
