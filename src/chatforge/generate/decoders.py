@@ -1,0 +1,72 @@
+"""Forward passes for the engine's loop: prefill a batch of prompts, then one token per step.
+
+A decoder keeps its own KV cache, attention mask and positions, and exposes three calls:
+
+* ``prefill(prompts, pad_id, max_new) -> [B, V]`` logits of the next token of each prompt;
+* ``step(tokens [B]) -> [B, V]`` feed one token per sequence, get the next logits;
+* ``keep(rows [b])`` drop finished sequences from the batch (their cache rows go too).
+
+:class:`HFDecoder` works with any ``transformers`` causal LM, PEFT-wrapped or not: prompts are
+left-padded, ``attention_mask`` hides the padding and ``position_ids`` restart at 0 on the
+first real token of each row (exactly what ``generate`` does, so greedy outputs match).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, L]`` ids and attention mask, padded on the left."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, L - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _accepts(model, name: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(type(base).forward).parameters
+
+
+class HFDecoder:
+    """Any causal LM through its own ``forward`` and a ``DynamicCache``."""
+
+    def __init__(self, model):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
+                         past_key_values=self.past, use_cache=True, **self.extra)
+        self.past = out.past_key_values
+        return out.logits[:, -1]
+
+    def prefill(self, prompts: list[list[int]], pad_id: int, max_new: int) -> torch.Tensor:
+        ids, self.mask = left_pad(prompts, pad_id, self.device)
+        positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
+        self.past = None
+        self.next_pos = positions[:, -1] + 1
+        return self._forward(ids, positions)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        logits = self._forward(tokens[:, None], self.next_pos[:, None])
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.past.batch_select_indices(rows)
+        self.mask = self.mask[rows]
+        self.next_pos = self.next_pos[rows]
+
+
+def make_decoder(model, fast: bool | str = "auto", compile: bool = False):
+    """The fastest decoder that supports ``model`` (see :class:`Engine` for ``fast``)."""
+    return HFDecoder(model)

@@ -1,0 +1,324 @@
+"""The decoding engine: equality with ``transformers.generate``, batching, sampling, stops,
+streaming, log-probs. A random tiny model with larger-than-default weights gives varied
+greedy outputs (the default init makes it repeat one token); a scripted model that emits a
+fixed token sequence tests text handling (stop strings, UTF-8) exactly."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.generate.engine import Engine, SamplingConfig
+from chatforge.generate.text import Detokenizer, TextTracker, partial_stop_len
+from chatforge.models.tiny import tiny_model, tiny_tokenizer
+
+EOS = 2  # <|im_end|> of the tiny tokenizer (its generation_config eos)
+
+
+def spicy_tiny(std: float = 0.2, seed: int = 0):
+    """The tiny Llama with N(0, std) matrices: random but decisive logits."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return spicy_tiny()
+
+
+def hf_greedy(model, prompt: list[int], n: int, **kw) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, eos_token_id=EOS, pad_token_id=0, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+PROMPTS = ["The sky is blue. What colour is the grass?", "Hello", "Give three tips for staying healthy, please.",
+           "2 + 2 = 4"]
+
+
+# ---------------------------------------------------------------- equality with generate
+@pytest.mark.parametrize("fast", [False, True])
+def test_greedy_matches_generate(model, tok, fast):
+    eng = Engine(model, tok, eos_token_ids=[EOS], fast=fast)
+    for text in PROMPTS:
+        p = tok.encode(text)
+        ref = hf_greedy(model, p, 30)
+        got = eng.generate([p], SamplingConfig(temperature=0, max_new_tokens=30))[0]
+        assert got.token_ids == ref
+        assert got.finish_reason == ("eos" if ref[-1] == EOS else "length")
+
+
+def test_greedy_matches_generate_with_penalties(tok):
+    model = spicy_tiny(std=0.1)  # this one loops on a token: penalties matter
+    eng = Engine(model, tok, eos_token_ids=[EOS])
+    p = tok.encode(PROMPTS[0])
+    plain = eng.generate([p], SamplingConfig(temperature=0, max_new_tokens=30))[0].token_ids
+    for kw in ({"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 2}, {"repetition_penalty": 1.2, "no_repeat_ngram_size": 3}):
+        got = eng.generate([p], SamplingConfig(temperature=0, max_new_tokens=30, **kw))[0].token_ids
+        assert got == hf_greedy(model, p, 30, **kw), kw
+        assert got != plain
+    seq = p + eng.generate([p], SamplingConfig(temperature=0, max_new_tokens=30, no_repeat_ngram_size=2))[0].token_ids
+    bigrams = list(zip(seq, seq[1:]))
+    assert len(bigrams) == len(set(bigrams))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_batch_of_mixed_lengths_equals_one_by_one(model, tok, fast):
+    eng = Engine(model, tok, eos_token_ids=[EOS], fast=fast)
+    prompts = [tok.encode(t) for t in PROMPTS]
+    assert len({len(p) for p in prompts}) == len(prompts)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=25)
+    batch = eng.generate(prompts, cfg)
+    for p, b in zip(prompts, batch):
+        assert b.token_ids == eng.generate([p], cfg)[0].token_ids
+
+
+def test_finished_rows_leave_the_batch(model, tok):
+    """Rows that finish early stop being decoded; the others continue unchanged."""
+    eng = Engine(model, tok, eos_token_ids=[EOS])
+    prompts = [tok.encode(t) for t in PROMPTS]
+    sizes = []
+    step = eng.decoder.step
+    eng.decoder.step = lambda t: (sizes.append(len(t)), step(t))[1]
+    short = SamplingConfig(temperature=0, max_new_tokens=5)
+    out = eng.generate(prompts, short)
+    assert all(len(c.token_ids) == 5 for c in out)
+    assert sizes == [4] * 4
+    sizes.clear()
+    # a stop string that only some rows hit
+    texts = [c.text for c in eng.generate(prompts, SamplingConfig(temperature=0, max_new_tokens=12))]
+    stop = texts[0][2:4]
+    out = eng.generate(prompts, SamplingConfig(temperature=0, max_new_tokens=12, stop=[stop]))
+    assert out[0].finish_reason == "stop" and out[0].text == texts[0][:texts[0].index(stop)]
+    assert min(sizes) < max(sizes)
+
+
+def test_peft_wrapped_model(model, tok):
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(spicy_tiny(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # a non-trivial adapter
+    eng = Engine(lora, tok, eos_token_ids=[EOS])
+    p = tok.encode(PROMPTS[0])
+    got = eng.generate([p], SamplingConfig(temperature=0, max_new_tokens=20))[0].token_ids
+    assert got == hf_greedy(lora, p, 20)
+    assert got != hf_greedy(model, p, 20)
+
+
+# ---------------------------------------------------------------- sampling
+def test_seed_reproducible_and_top_k_1_is_greedy(model, tok):
+    eng = Engine(model, tok, eos_token_ids=[EOS])
+    prompts = [tok.encode(t) for t in PROMPTS[:2]]
+    cfg = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=20, seed=123)
+    a = [c.token_ids for c in eng.generate(prompts, cfg)]
+    b = [c.token_ids for c in eng.generate(prompts, cfg)]
+    c = [c.token_ids for c in eng.generate(prompts, cfg.replace(seed=124))]
+    assert a == b and a != c
+    greedy = eng.generate(prompts, SamplingConfig(temperature=0, max_new_tokens=20))
+    top1 = eng.generate(prompts, SamplingConfig(temperature=1.3, top_k=1, max_new_tokens=20))
+    assert [g.token_ids for g in greedy] == [t.token_ids for t in top1]
+
+
+def test_filters_restrict_the_support(model, tok):
+    """top-k / top-p / min-p only ever sample tokens inside their set (checked against the raw logits)."""
+    eng = Engine(model, tok, eos_token_ids=[EOS])
+    p = tok.encode(PROMPTS[2])
+    for kw in ({"top_k": 3}, {"top_p": 0.3}, {"min_p": 0.5}):
+        c = eng.generate([p], SamplingConfig(max_new_tokens=12, seed=0, logprobs=True, **kw))[0]
+        seq = p + c.token_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, len(p) - 1:-1]
+        probs = logits.softmax(-1)
+        for t, row in zip(c.token_ids, probs):
+            order = row.argsort(descending=True).tolist()
+            if "top_k" in kw:
+                assert t in order[:3]
+            elif "top_p" in kw:
+                before = row[order[:order.index(t)]].sum()
+                assert before < 0.3 + 1e-5
+            else:
+                assert row[t] >= 0.5 * row.max() - 1e-6
+
+
+def test_logprobs_are_the_raw_model_distribution(model, tok):
+    eng = Engine(model, tok, eos_token_ids=[EOS])
+    prompts = [tok.encode(t) for t in PROMPTS]
+    cfg = SamplingConfig(temperature=0.7, top_k=20, repetition_penalty=1.3, max_new_tokens=15, seed=5, logprobs=True)
+    out = eng.generate(prompts, cfg)
+    for p, c in zip(prompts, out):
+        assert len(c.logprobs) == len(c.token_ids)
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c.token_ids])).logits[0, len(p) - 1:-1]
+        ref = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4)
+        assert c.logprobs == pytest.approx(eng.score([p], [c.token_ids])[0], abs=1e-4)
+    assert eng.generate(prompts[:1], cfg.replace(logprobs=False))[0].logprobs is None
+
+
+def test_training_mode_is_restored(tok):
+    model = spicy_tiny().train()
+    Engine(model, tok).generate([tok.encode("hi")], SamplingConfig(max_new_tokens=3))
+    assert model.training
+
+
+def test_sampling_config_validation():
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingConfig(top_p=1.5)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        SamplingConfig(max_new_tokens=0)
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingConfig(temperature=-1)
+    assert SamplingConfig(stop="###").stop == ["###"]
+
+
+def test_prompt_longer_than_context(model, tok):
+    eng = Engine(model, tok)
+    with pytest.raises(ChatforgeError, match="context"):
+        eng.generate([[5] * 3000], SamplingConfig(max_new_tokens=4))
+    c = eng.generate([[5] * 2040], SamplingConfig(max_new_tokens=50, temperature=0))[0]
+    assert len(c.token_ids) <= 8
+
+
+def test_beam_search_matches_generate(model, tok):
+    eng = Engine(model, tok, eos_token_ids=[EOS])
+    p = tok.encode(PROMPTS[0])
+    for lp in (1.0, -0.5):
+        got = eng.generate([p], SamplingConfig(num_beams=3, length_penalty=lp, max_new_tokens=12, logprobs=True))[0]
+        ref = hf_greedy(model, p, 12, num_beams=3, length_penalty=lp, early_stopping=True)
+        assert got.token_ids == ref
+        assert len(got.logprobs) == len(ref)
+
+
+# ---------------------------------------------------------------- text: stops, streaming, UTF-8
+class _ScriptCache:
+    def __init__(self):
+        self.ids = None
+
+    def batch_select_indices(self, rows):
+        self.ids = self.ids[rows]
+
+
+class ScriptedLM(torch.nn.Module):
+    """Emits ``script`` token by token after any prompt (a causal LM with a trivial cache)."""
+
+    def __init__(self, script: list[int], vocab: int):
+        super().__init__()
+        self.script, self.vocab = script, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.config = types.SimpleNamespace(max_position_embeddings=4096)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True, **kw):
+        cache = past_key_values or _ScriptCache()
+        first = cache.ids is None
+        cache.ids = input_ids if first else torch.cat([cache.ids, input_ids], 1)
+        done = 0 if first else cache.ids.shape[1] - cache.prompt_len
+        if first:
+            cache.prompt_len = input_ids.shape[1]
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        logits[:, -1, self.script[min(done, len(self.script) - 1)]] = 10.0
+        return types.SimpleNamespace(logits=logits, past_key_values=cache)
+
+
+def scripted(tok, text: str, eos: bool = True):
+    ids = tok.encode(text) + ([EOS] if eos else [])
+    return Engine(ScriptedLM(ids, len(tok)), tok, eos_token_ids=[EOS]), ids
+
+
+MULTIBYTE = "héllo wörld: 日本語のテキスト 🙂🚀 naïve café ✓"
+
+
+def test_detokenizer_is_utf8_safe(tok):
+    ids = tok.encode(MULTIBYTE)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the test is meaningful: tokens split characters
+    d = Detokenizer(tok)
+    deltas = [d.add(i) for i in ids] + [d.finish()]
+    assert "".join(deltas) == MULTIBYTE
+    assert not any("\ufffd" in x for x in deltas)
+
+
+def test_stream_reassembles_multibyte_text(tok):
+    eng, ids = scripted(tok, MULTIBYTE)
+    s = eng.stream([5, 6], SamplingConfig(temperature=0, max_new_tokens=200))
+    deltas = list(s)
+    assert "".join(deltas) == MULTIBYTE
+    assert not any("\ufffd" in x for x in deltas) and len(deltas) > 5
+    assert s.completion.finish_reason == "eos" and s.completion.text == MULTIBYTE
+    assert s.completion.token_ids == ids
+
+
+def test_stop_string_spanning_tokens(tok):
+    text = "Sure, here is an answer. ### Human: more text"
+    eng, ids = scripted(tok, text)
+    stop = "## Hu"
+    assert not any(stop in tok.decode([i]) for i in ids)  # it spans several tokens
+    cfg = SamplingConfig(temperature=0, max_new_tokens=100, stop=["nothing like this", stop])
+    c = eng.generate([[5]], cfg)[0]
+    assert c.text == "Sure, here is an answer. #" and c.finish_reason == "stop"
+    assert len(c.token_ids) < len(ids)  # decoding stopped there
+    deltas = []
+    c2 = eng.generate([[5]], cfg, on_delta=lambda i, d: deltas.append(d))[0]
+    assert "".join(deltas) == c2.text == c.text  # the held-back "#..." never leaked
+
+
+def test_stream_holds_back_a_possible_stop_prefix(tok):
+    eng, _ = scripted(tok, "hello world? world!")
+    s = eng.stream([5], SamplingConfig(temperature=0, max_new_tokens=100, stop=["world!"]))
+    deltas = list(s)
+    assert "".join(deltas) == "hello world? " == s.completion.text
+    assert s.completion.finish_reason == "stop"
+
+
+def test_finish_reasons(tok):
+    eng, ids = scripted(tok, "The sky is blue.")
+    assert eng.generate([[5]], SamplingConfig(temperature=0))[0].finish_reason == "eos"
+    c = eng.generate([[5]], SamplingConfig(temperature=0, max_new_tokens=3))[0]
+    assert c.finish_reason == "length" and c.token_ids == ids[:3]
+    c = eng.generate([[5]], SamplingConfig(temperature=0, stop=["blue"]))[0]
+    assert c.finish_reason == "stop" and c.text == "The sky is "
+    c = eng.generate([[5]], SamplingConfig(temperature=0, stop=["The"]))[0]
+    assert c.finish_reason == "stop" and c.text == ""
+
+
+def test_text_tracker_and_partial_stop():
+    assert partial_stop_len("abc ##", ["###"]) == 2
+    assert partial_stop_len("abc", ["###"]) == 0
+    assert partial_stop_len("x User", ["User:", "Us"]) == 4
+
+    class CharTok:  # one "token" per character
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(map(chr, ids))
+
+    t = TextTracker(CharTok(), ["STOP"])
+    out = "".join(t.add(ord(ch)) for ch in "go STO go STOP x")
+    assert out == "go STO go " and t.stopped
+
+
+# ---------------------------------------------------------------- the real model
+@pytest.mark.smollm2
+@pytest.mark.parametrize("fast", [False, True])
+def test_smollm2_greedy_matches_generate(fast):
+    from chatforge.models.load import load
+
+    model, tok = load("smollm2", dtype="fp32")
+    eng = Engine(model, tok, fast=fast)
+    p = eng.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    ids = torch.tensor([p])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)[0, len(p):].tolist()
+    got = eng.generate([p], SamplingConfig(temperature=0, max_new_tokens=30))[0]
+    assert got.token_ids == ref
+    assert "Paris" in got.text
