@@ -1,0 +1,45 @@
+"""``chatforge pipeline RECIPE.yaml [key=value ...] [--only STAGE ...]``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pipeline",
+        help="run data -> SFT -> RM -> PPO/DPO -> eval -> report from one recipe",
+        description="Run a whole recipe. Finished stages are skipped, interrupted ones resume. "
+                    "Recipes: recipes/demo.yaml (default demo), tiny.yaml (CI), malay.yaml, hh-rlhf.yaml, gpu.yaml.",
+    )
+    p.add_argument("recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out=runs/x sft.max_steps=20")
+    p.add_argument("--only", action="append", choices=["data", "sft", "rm", "ppo", "dpo", "eval"],
+                   help="run only this stage (repeatable); inputs come from earlier stages' folders")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from chatforge.pipeline import final_policy, load_recipe, run_pipeline
+
+    recipe, _ = load_recipe(args.recipe, args.overrides)
+    t0 = time.time()
+    root = run_pipeline(recipe, only=args.only)
+    wall = time.time() - t0
+    print(f"\npipeline finished in {wall / 60:.1f} min -> {root}")
+    summary = root / "eval" / "eval.json"
+    if summary.exists():
+        data = json.loads(summary.read_text())
+        for line in data.get("headline", []):
+            print("  " + line)
+    for name in ("report.html", "report.md"):
+        if (root / name).exists():
+            print(f"  report: {root / name}")
+    pol = final_policy(Path(root))
+    if pol is not None:
+        print(f"\nchat with the result:\n  chatforge chat {pol}")
+    return 0

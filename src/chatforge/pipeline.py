@@ -1,0 +1,259 @@
+"""``chatforge pipeline RECIPE.yaml``: data -> SFT -> RM -> PPO and/or DPO -> eval -> report.
+
+Each stage writes its own run folder under the pipeline folder (``out``)::
+
+    runs/demo/
+      data/      canonical JSONL per role (sft, preferences, prompts, heldout) + cleaning report
+      sft/ rm/ ppo/ dpo/      run folders (config.yaml, metrics.jsonl, checkpoints, model/, DONE)
+      eval/      per-checkpoint evaluation
+      report.html report.md *.png
+
+A stage whose run folder holds ``DONE`` is skipped; a stage with checkpoints but no
+``DONE`` resumes from its newest checkpoint. ``stages=[sft]`` (or ``--only sft``) runs one
+stage alone with the same recipe; inputs of skipped earlier stages are taken from their
+folders.
+
+Recipe keys (top level): ``out``, ``model``, ``seed``, ``stages``, ``data`` (see
+:class:`DataSpec`), and one section per stage whose keys are that stage's config fields
+(``chatforge sft --help`` etc.). ``model``/``data``/``out`` of a stage are filled in by the
+pipeline; set them in a section only to override.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from chatforge.config import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml
+
+STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval")
+DEMO_DIR = Path(__file__).parent / "data" / "demo"
+
+
+def resolve_data_path(p: str, recipe_dir: Path) -> str:
+    """``demo/NAME`` -> the demo data shipped in the package; relative paths are taken
+    relative to the recipe file first, then to the current directory."""
+    if p.startswith("demo/") and not Path(p).exists():
+        return str(DEMO_DIR / p.split("/", 1)[1])
+    q = Path(p).expanduser()
+    if not q.is_absolute() and not q.exists() and (recipe_dir / q).exists():
+        return str(recipe_dir / q)
+    return str(q)
+
+
+@dataclass
+class DataSpec:
+    """Input files per role. Each list may mix formats; every file is auto-detected."""
+
+    sft: list[str] = field(default_factory=list)          # conversations for SFT
+    preferences: list[str] = field(default_factory=list)  # pairs or rankings for RM and DPO
+    prompts: list[str] = field(default_factory=list)      # RL prompts (any record kind: its prompt is used)
+    heldout: list[str] = field(default_factory=list)      # held-out conversations for evaluation
+    format: str | None = None                              # force one reader format for all files
+    clean: bool = True                                     # apply `chatforge data clean` rules
+    heldout_fraction: float = 0.1                          # carved from `sft` when `heldout` is empty
+    max_records: int = 0                                   # per role; 0 = all
+
+
+@dataclass
+class EvalSpec:
+    max_prompts: int = 16
+    max_new_tokens: int = 96
+    temperature: float = 0.0
+    seed: int = 0
+    judge_url: str | None = None
+    judge_model: str | None = None
+
+
+@dataclass
+class Recipe:
+    out: str = "runs/pipeline"
+    model: str = "smollm2"
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    data: DataSpec = field(default_factory=DataSpec)
+    sft: dict[str, Any] = field(default_factory=dict)
+    rm: dict[str, Any] = field(default_factory=dict)
+    ppo: dict[str, Any] = field(default_factory=dict)
+    dpo: dict[str, Any] = field(default_factory=dict)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+    def validate(self) -> None:
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ConfigError(f"stages: unknown stage(s) {bad}; valid: {', '.join(STAGES)}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
+    data = read_yaml(path)
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+    recipe = from_dict(Recipe, data)
+    rdir = Path(path).resolve().parent
+    for role in ("sft", "preferences", "prompts", "heldout"):
+        setattr(recipe.data, role, [resolve_data_path(p, rdir) for p in getattr(recipe.data, role)])
+    return recipe, rdir
+
+
+# ---------------------------------------------------------------- stage configs
+def stage_config(recipe: Recipe, stage: str, root: Path, **filled: Any):
+    """The typed config of one training stage: pipeline-filled fields <- recipe section.
+
+    Built (and so validated) before any stage runs, so a typo in the `ppo:` section
+    fails in the first second, not after SFT.
+    """
+    from chatforge.train import dpo, ppo, rm, sft
+
+    cls = {"sft": sft.SFTConfig, "rm": rm.RMConfig, "ppo": ppo.PPOConfig, "dpo": dpo.DPOConfig}[stage]
+    base: dict[str, Any] = {"seed": recipe.seed, "out": str(root / stage)}
+    base.update(filled)
+    try:
+        return from_dict(cls, deep_merge(base, getattr(recipe, stage)))
+    except ConfigError as e:
+        raise ConfigError(f"recipe section {stage}: {e}") from None
+
+
+def stage_inputs(recipe: Recipe, root: Path) -> dict[str, dict[str, Any]]:
+    """What each stage reads, as filled-in config fields."""
+    d = root / "data"
+    has = set(recipe.stages)
+    sft_model = str(root / "sft") if "sft" in has or (root / "sft" / "DONE").exists() else recipe.model
+    return {
+        "sft": {"model": recipe.model, "data": [str(d / "sft.jsonl")]},
+        "rm": {"model": sft_model, "data": [str(d / "preferences.jsonl")]},
+        "ppo": {"policy": sft_model, "reward": [f"rm:{root / 'rm'}"], "prompts": [str(d / "prompts.jsonl")]},
+        "dpo": {"policy": sft_model, "data": [str(d / "preferences.jsonl")]},
+    }
+
+
+# ---------------------------------------------------------------- data stage
+def run_data_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Read every input file, clean, split, and write canonical JSONL per role."""
+    from chatforge.data import clean as cleaning
+    from chatforge.data.readers import iter_records
+    from chatforge.data.records import Conversation, Preference, Prompt, Ranking, prompt_of, write_jsonl
+
+    out = root / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    spec = recipe.data
+    report: dict[str, Any] = {}
+    rejected_all: list[dict] = []
+
+    def load(role: str, paths: list[str], kinds: tuple[type, ...]) -> list:
+        errors: list = []
+        recs = list(iter_records(paths, spec.format, "skip", errors))
+        wrong = [r for r in recs if not isinstance(r, kinds)]
+        recs = [r for r in recs if isinstance(r, kinds)]
+        kept, rejected = recs, []
+        if spec.clean and recs:
+            kept, rejected, counts = cleaning.clean_records(recs)
+        else:
+            counts = {}
+        if spec.max_records and len(kept) > spec.max_records:
+            kept = kept[: spec.max_records]
+        report[role] = {"files": paths, "read": len(recs) + len(wrong), "errors": len(errors),
+                        "first_errors": [str(e) for e in errors[:5]], "wrong_kind": len(wrong),
+                        "rejected": len(rejected), "rejected_by_rule": counts, "kept": len(kept)}
+        for r, rule in rejected:
+            rejected_all.append({"role": role, "rule": rule, "record": _as_dict(r)})
+        if errors:
+            log(f"  {role}: {len(errors)} unreadable records (first: {errors[0]})")
+        if wrong:
+            log(f"  {role}: {len(wrong)} records of another kind ignored for this role")
+        return kept
+
+    sft = load("sft", spec.sft, (Conversation,)) if spec.sft else []
+    heldout = load("heldout", spec.heldout, (Conversation,)) if spec.heldout else []
+    if sft and not heldout and spec.heldout_fraction > 0:
+        import random
+
+        idx = list(range(len(sft)))
+        random.Random(recipe.seed).shuffle(idx)
+        k = max(1, int(len(sft) * spec.heldout_fraction))
+        hold = set(idx[:k])
+        heldout = [r for i, r in enumerate(sft) if i in hold]
+        sft = [r for i, r in enumerate(sft) if i not in hold]
+    prefs = load("preferences", spec.preferences, (Preference, Ranking)) if spec.preferences else []
+    prompts_src = load("prompts", spec.prompts, (Prompt, Conversation, Preference, Ranking)) if spec.prompts else []
+    prompts = [r if isinstance(r, Prompt) else Prompt(prompt_of(r), dict(r.meta)) for r in prompts_src]
+    if not prompts and prefs:
+        prompts = [Prompt(r.prompt, dict(r.meta)) for r in prefs]
+
+    for name, recs in (("sft", sft), ("heldout", heldout), ("preferences", prefs), ("prompts", prompts)):
+        write_jsonl(recs, out / f"{name}.jsonl")
+        log(f"  {name}: {len(recs)} records -> {out / (name + '.jsonl')}")
+    write_jsonl(rejected_all, out / "rejected.jsonl")
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    (out / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    return report
+
+
+def _as_dict(r) -> dict:
+    from chatforge.data.records import to_dict
+
+    return to_dict(r)
+
+
+# ---------------------------------------------------------------- orchestration
+def _train(stage: str, cfg) -> Path:
+    from chatforge.train import dpo, ppo, rm, sft
+
+    mod = {"sft": sft, "rm": rm, "ppo": ppo, "dpo": dpo}[stage]
+    return mod.train(cfg, resume=True)
+
+
+def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[str], None] = print) -> Path:
+    root = Path(recipe.out)
+    root.mkdir(parents=True, exist_ok=True)
+    stages = [s for s in recipe.stages if not only or s in only]
+    inputs = stage_inputs(recipe, root)
+    configs = {s: stage_config(recipe, s, root, **inputs[s]) for s in ("sft", "rm", "ppo", "dpo") if s in stages}
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    for stage in stages:
+        folder = root / stage
+        if (folder / "DONE").exists():
+            log(f"[{stage}] done already ({folder}); skipped")
+            continue
+        log(f"[{stage}] running -> {folder}")
+        ts = time.time()
+        if stage == "data":
+            run_data_stage(recipe, root, log)
+        elif stage == "eval":
+            run_eval_stage(recipe, root, log)
+        else:
+            _train(stage, configs[stage])
+        timings[stage] = round(time.time() - ts, 1)
+        log(f"[{stage}] finished in {timings[stage]:.0f} s")
+    (root / "timings.json").write_text(json.dumps({"stages_s": timings, "total_s": round(time.time() - t0, 1)}, indent=2))
+    return root
+
+
+def final_policy(root: Path) -> Path | None:
+    for s in ("ppo", "dpo", "sft"):
+        if (root / s / "model").is_dir():
+            return root / s
+    return None
+
+
+def run_eval_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> None:
+    from chatforge.eval.evaluate import evaluate_runs
+    from chatforge.eval.report import write_report
+
+    runs = [str(root / s) for s in ("sft", "ppo", "dpo") if (root / s / "model").is_dir()]
+    rm = str(root / "rm") if (root / "rm" / "model").is_dir() else None
+    baseline = str(root / "sft") if (root / "sft" / "model").is_dir() else recipe.model
+    heldout = root / "data" / "heldout.jsonl"
+    prompts = heldout if heldout.exists() and heldout.stat().st_size else None
+    e = recipe.eval
+    result = evaluate_runs(
+        runs, baseline=baseline, base_model=recipe.model, prompts=str(prompts) if prompts else None,
+        heldout=str(heldout) if heldout.exists() else None, rm=rm, out=str(root / "eval"),
+        max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=e.seed,
+        judge_url=e.judge_url, judge_model=e.judge_model, log=log)
+    stages = {s: str(root / s) for s in ("sft", "rm", "ppo", "dpo") if (root / s).is_dir()}
+    write_report(root, stages, result)
+    (root / "eval" / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
