@@ -1,0 +1,100 @@
+"""``chatforge eval``: evaluate every checkpoint of one or more runs on held-out data.
+
+    chatforge eval RUN... [--baseline RUN] [--prompts FILE] [--heldout FILE] [--rm RUN]
+                   [--out DIR] [--max-prompts N] [--max-new-tokens N]
+                   [--judge-url URL --judge-model NAME] [--report]
+
+RUN is a run folder (all its checkpoints and its final model are evaluated) or a model
+name (``smollm2``, ``tiny``, a model directory); ``label=RUN`` names it in the table. Prints
+one row per checkpoint, the best checkpoint of each run and a warning for every checkpoint
+worse than an earlier one beyond noise. Writes ``eval.json``, ``eval.jsonl``,
+``samples.jsonl`` (and with ``--report`` ``report.html`` / ``report.md``) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+_LABELLED = re.compile(r"^([A-Za-z0-9_.\-]+)=(.+)$")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate checkpoints: perplexity, RM win rate, KL, degeneration",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders or model names (label=RUN to name one)")
+    p.add_argument("--baseline", metavar="RUN", help="win rates are measured against this model's responses")
+    p.add_argument("--prompts", metavar="FILE", help="held-out prompts (default: the held-out conversations' prompts)")
+    p.add_argument("--heldout", metavar="FILE", help="held-out conversations for perplexity (default: the run's eval_data)")
+    p.add_argument("--rm", metavar="RUN", help="reward model (run folder or directory) for RM score and win rate")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: eval/ beside the first run folder)")
+    p.add_argument("--max-prompts", type=int, default=32, metavar="N", help="held-out prompts used (default 32)")
+    p.add_argument("--max-heldout", type=int, default=100, metavar="N",
+                   help="held-out conversations for perplexity (default 100)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="response budget (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples with --seed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--judge-url", metavar="URL", help="OpenAI-compatible endpoint of an LLM judge (e.g. http://host:8000/v1)")
+    p.add_argument("--judge-model", metavar="NAME", help="model name sent to the judge")
+    p.add_argument("--report", action="store_true", help="also write report.html / report.md into --out")
+    p.set_defaults(func=run)
+
+
+def default_out(runs: list[str]) -> Path:
+    for r in runs:
+        p = Path(r)
+        if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "DONE").exists()):
+            return p.parent / "eval"
+    return Path("eval")
+
+
+def run(args) -> int:
+    from chatforge.errors import ConfigError
+
+    if bool(args.judge_url) != bool(args.judge_model):
+        raise ConfigError("--judge-url and --judge-model go together")
+    runs: dict[str, str] = {}
+    for r in args.runs:
+        m = _LABELLED.match(r)
+        lab, path = (m.group(1), m.group(2)) if m and not Path(r).exists() else (Path(r).name or r, r)
+        while lab in runs:
+            lab += "'"
+        runs[lab] = path
+
+    from chatforge.eval.evaluate import EvalSettings, evaluate_runs
+    from chatforge.eval.judge import Judge
+    from chatforge.eval.report import text_table, write_report
+
+    settings = EvalSettings(max_prompts=args.max_prompts, max_heldout=args.max_heldout,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                            batch_size=args.batch_size)
+    judge = Judge(args.judge_url, args.judge_model, api_key=os.environ.get("CHATFORGE_JUDGE_KEY")) \
+        if args.judge_url else None
+    out = Path(args.out) if args.out else default_out(list(runs.values()))
+    res = evaluate_runs(runs, baseline=args.baseline, prompts=args.prompts, heldout=args.heldout, rm=args.rm,
+                        judge=judge, out=out, settings=settings)
+    print(text_table(res))
+    for run_, lab in res.best.items():
+        if run_ != "overall":
+            print(f"best of {run_}: {lab} ({res.selection} {_value(res, lab)})")
+    if "overall" in res.best:
+        print(f"best overall: {res.best['overall']}: chatforge chat {res.row(res.best['overall'])['path']}")
+    for w in res.warnings:
+        print(f"WARNING: {w}")
+    for n in res.notes:
+        print(f"note: {n}")
+    if args.report:
+        from chatforge.eval.evaluate import is_run_folder
+
+        stages = {lab: p for lab, p in runs.items() if is_run_folder(Path(p))}
+        html, md = write_report(out, stages, res, res.samples, title="chatforge eval")
+        print(f"report: {html}")
+    print(f"results: {out / 'eval.json'}, {out / 'samples.jsonl'}")
+    return 0
+
+
+def _value(res, label: str) -> str:
+    v = res.row(label).get(res.selection) if res.selection else None
+    return "-" if v is None else f"{v:.4g}"

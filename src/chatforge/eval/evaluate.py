@@ -1,0 +1,736 @@
+"""Evaluate every checkpoint of one or more runs: did training get better or worse?
+
+For each *target* -- every ``checkpoints/step-N/`` of a run folder plus its final
+``model/`` (when that is not just a copy of the last checkpoint), or a plain model name
+such as ``smollm2`` -- on the same held-out data:
+
+* **held-out perplexity**: ``exp(sum NLL / n)`` over assistant tokens only (the SFT label
+  mask of :func:`chatforge.data.tokenize.encode_messages`) of held-out conversations;
+* **responses** to held-out prompts from the engine (greedy, or sampling with a fixed seed),
+  and their **degeneration** figures (:mod:`chatforge.eval.metrics`): length, repeated
+  n-gram rate, distinct-1/2, share that fall into a loop, share that never end their turn;
+* **KL to the reference** (the run's starting model, else ``baseline``): mean over prompts
+  of ``sum_t log pi(y_t) - log pi_ref(y_t)`` over the target's own response tokens, both
+  teacher-forced. A true KL estimate when sampling at temperature 1; with greedy decoding
+  it is the log-ratio at the policy's mode (still 0 for an unchanged model, growing with drift);
+* **RM score** of the responses and **RM win rate** against the baseline's responses to the
+  same prompts (ties, e.g. identical responses, count half), with a bootstrap 95% interval;
+* optionally an **LLM-judge win rate** (:mod:`chatforge.eval.judge`, both orders).
+
+Then, per run, the best checkpoint is flagged (RM win rate > judge win rate > mean RM score
+> held-out perplexity, whichever exists) and every checkpoint that is worse than an earlier
+one beyond noise (paired test, :func:`chatforge.eval.metrics.regressions`) is warned about:
+training oscillates (Chinese-Tiger-LoRA saw checkpoints degrade into repeating words), so
+the last checkpoint is never silently taken as the best.
+
+One model is in memory at a time: each target is loaded, measured and freed; log-probs
+under each reference are computed afterwards, loading each reference once; the reward
+model is loaded once at the end. Every part is cached in ``OUT/cache/`` under a key made
+of the checkpoint's files (path, sizes, mtimes) and the settings, so re-running after one
+more checkpoint only evaluates the new one.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import gc
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from chatforge.errors import ConfigError, DataError
+from chatforge.eval import metrics as M
+from chatforge.runs import atomic_write_text, checkpoint_step, list_checkpoints
+
+CACHE_VERSION = 1
+REF_KEYS = ("ref_model", "reference", "ref")  # config keys naming a run's reference, else "model"
+
+
+@dataclass
+class EvalSettings:
+    """What is measured, and how. Every field that changes a number is in the cache key."""
+
+    max_prompts: int = 32
+    max_heldout: int = 100
+    max_new_tokens: int = 128
+    temperature: float = 0.0       # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    batch_size: int = 8
+    max_len: int = 1024            # truncation for perplexity / KL / RM inputs
+    dtype: str = "fp32"
+    z: float = 2.0                 # regressions: paired difference beyond z standard errors
+
+    def validate(self) -> "EvalSettings":
+        for k, lo in (("max_prompts", 1), ("max_heldout", 0), ("max_new_tokens", 1), ("batch_size", 1), ("max_len", 8)):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < lo:
+                raise ConfigError(f"{k}: must be an integer >= {lo}, got {getattr(self, k)!r}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
+        return self
+
+
+@dataclass
+class Target:
+    """One model to evaluate: a checkpoint of a run, a run's final model, or a model name."""
+
+    run: str                 # label of its run (or of the plain model)
+    name: str                # step-0000100 | final | the model name
+    path: str                # what chatforge.models.load.load() accepts
+    step: int | None = None
+    final: bool = False
+    ref: str | None = None   # KL reference
+    template: str = "auto"
+    run_dir: str | None = None  # the run folder it belongs to
+
+    @property
+    def label(self) -> str:
+        return self.run if self.name == self.run else f"{self.run}/{self.name}"
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict[str, Any]]             # one per target, training order within each run
+    samples: list[dict[str, Any]]          # one per target per prompt
+    prompts: list[dict[str, Any]]          # {"index", "text", "messages"}
+    best: dict[str, str]                   # run -> best target label (and "overall")
+    selection: str | None                  # metric used to pick the best
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None
+
+    def row(self, label: str) -> dict[str, Any]:
+        for r in self.rows:
+            if r["label"] == label:
+                return r
+        raise KeyError(label)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"settings": self.settings, "selection": self.selection, "best": self.best,
+                "warnings": self.warnings, "notes": self.notes, "rows": self.rows, "prompts": self.prompts}
+
+
+# ================================================================ targets
+def _read_yaml(p: Path) -> dict[str, Any]:
+    if not p.exists():
+        return {}
+    import yaml
+
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def is_run_folder(p: Path) -> bool:
+    return p.is_dir() and ((p / "checkpoints").is_dir() or (p / "DONE").exists()) and not (p / "config.json").exists()
+
+
+def _resolvable(name: str, near: Path) -> str | None:
+    """``name`` as given if it loads, else relative to the run's pipeline folder, else None."""
+    from chatforge.models.load import resolve
+
+    for cand in (name, str(near / name), str(near.parent / name)):
+        try:
+            resolve(cand)
+            return cand
+        except Exception:
+            continue
+    return None
+
+
+def _weights(d: Path) -> list[Path]:
+    return sorted(f for f in d.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """True when two model folders hold identical weight files (``model/`` is published as
+    a copy of the last checkpoint: evaluating both would cost twice for one row)."""
+    wa, wb = _weights(a), _weights(b)
+    if not wa or [f.name for f in wa] != [f.name for f in wb]:
+        return False
+    return all(filecmp.cmp(x, y, shallow=True) and x.stat().st_size == y.stat().st_size for x, y in zip(wa, wb))
+
+
+def targets_of(label: str, run: str | Path, baseline: str | None = None) -> tuple[list[Target], list[str]]:
+    """Targets of one run folder (every checkpoint + final) or of a model name; and notes."""
+    from chatforge.models.load import resolve
+
+    notes: list[str] = []
+    p = Path(run).expanduser()
+    if not is_run_folder(p):
+        resolve(str(run))  # raises ModelNotFound (a user error) with the reason
+        return [Target(label, label, str(run), ref=baseline if baseline and str(baseline) != str(run) else None)], notes
+    cfg = _read_yaml(p / "config.yaml")
+    start = next((cfg[k] for k in REF_KEYS if isinstance(cfg.get(k), str) and cfg.get(k)), cfg.get("model"))
+    ref = _resolvable(str(start), p.parent) if isinstance(start, str) and start else None
+    if ref is None:
+        ref = baseline
+        if start:
+            notes.append(f"{label}: its starting model {start!r} is not loadable here; KL is measured to "
+                         f"{'the baseline' if baseline else 'nothing (skipped)'}")
+    template = cfg.get("template") if isinstance(cfg.get("template"), str) else "auto"
+    out = [Target(label, ck.name, str(ck), checkpoint_step(ck), False, ref, template, str(p))
+           for ck in list_checkpoints(p)]
+    final = p / "model"
+    if final.is_dir():
+        if out and same_weights(final, Path(out[-1].path)):
+            out[-1].final = True
+        else:
+            steps = _read_json(p / "summary.json").get("steps")
+            out.append(Target(label, "final", str(final), steps if isinstance(steps, int) else None, True, ref,
+                              template, str(p)))
+    if not out:
+        raise ConfigError(f"{p}: run folder has no checkpoints and no model/ to evaluate")
+    return out, notes
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+        return d if isinstance(d, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _labels(runs: Sequence[str | Path] | Mapping[str, str | Path]) -> list[tuple[str, str]]:
+    if isinstance(runs, Mapping):
+        return [(str(k), str(v)) for k, v in runs.items()]
+    out, seen = [], set()
+    for r in runs:
+        lab = Path(str(r)).name or str(r)
+        base, i = lab, 2
+        while lab in seen:
+            lab, i = f"{base}-{i}", i + 1
+        seen.add(lab)
+        out.append((lab, str(r)))
+    return out
+
+
+# ================================================================ data
+def read_records(path: str | Path):
+    """Records of a data file (any format the readers know); a file with none is an error."""
+    from chatforge.data.readers import read_file
+
+    res = read_file(path)
+    if not res.records:
+        first = f": {res.errors[0]}" if res.errors else ""
+        raise DataError(f"{path}: no usable records{first}")
+    return res.records
+
+
+def prompt_text(messages: list[dict[str, str]]) -> str:
+    """A prompt as plain text (for the judge and the report): the user message alone when
+    it is the only turn, else the turns labelled by role."""
+    turns = [m for m in messages if m["role"] != "system"]
+    if len(turns) == 1:
+        return turns[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def load_eval_data(prompts: str | Path | None, heldout: str | Path | None, settings: EvalSettings,
+                   fallback_heldout: str | None = None) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(prompt message lists, held-out conversation message lists). Prompts default to the
+    held-out conversations' prompts; held-out defaults to a run's ``eval_data``."""
+    from chatforge.data.records import Conversation, prompt_of
+
+    heldout = heldout or fallback_heldout
+    if prompts is None and heldout is None:
+        raise ConfigError("nothing to evaluate on: pass --prompts FILE and/or --heldout FILE")
+    convs: list[list[dict]] = []
+    if heldout is not None:
+        convs = [r.messages for r in read_records(heldout) if isinstance(r, Conversation)]
+        if not convs:
+            raise DataError(f"{heldout}: held-out data must hold conversations (with assistant turns)")
+    if prompts is not None:
+        pr = [prompt_of(r) for r in read_records(prompts)]
+    else:
+        pr = [Conversation(c).prompt for c in convs]
+    pr = [p for p in pr if p and p[-1]["role"] == "user"][: settings.max_prompts]
+    if not pr:
+        raise DataError(f"{prompts or heldout}: no prompt ending in a user message")
+    return pr, convs[: settings.max_heldout]
+
+
+# ================================================================ model-side measurements
+def _batches(idx: list[int], size: int) -> list[list[int]]:
+    return [idx[i:i + size] for i in range(0, len(idx), size)]
+
+
+def response_logprobs(model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                      batch_size: int = 4, max_len: int = 1024) -> list[float]:
+    """Sum of log p(response tokens | prompt) per pair, teacher-forced (right padding,
+    fp32 log-softmax). Prompts are cut from the left when the pair exceeds ``max_len``."""
+    import torch
+
+    from chatforge.train.ppo_math import logprobs_from_logits
+
+    seqs = []
+    for p, r in zip(prompt_ids, response_ids):
+        p, r = list(p), list(r)[:max_len - 1]
+        p = p[max(0, len(p) + len(r) - max_len):]
+        seqs.append((p, r))
+    out = [0.0] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for b in _batches(order, batch_size):
+            b = [i for i in b if seqs[i][1]]  # empty responses have log-prob 0
+            if not b:
+                continue
+            t = max(len(seqs[i][0]) + len(seqs[i][1]) for i in b)
+            ids = torch.zeros((len(b), t), dtype=torch.long)
+            mask = torch.zeros((len(b), t), dtype=torch.long)
+            resp = torch.zeros((len(b), t), dtype=torch.bool)
+            for j, i in enumerate(b):
+                p, r = seqs[i]
+                ids[j, :len(p) + len(r)] = torch.tensor(p + r)
+                mask[j, :len(p) + len(r)] = 1
+                resp[j, len(p):len(p) + len(r)] = True
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits[:, :-1]
+            lp = logprobs_from_logits(logits, ids[:, 1:].to(dev)).cpu()
+            sums = (lp * resp[:, 1:]).sum(-1)
+            for j, i in enumerate(b):
+                out[i] = float(sums[j])
+            del logits, lp
+    return out
+
+
+def heldout_nll(model, tokenizer, convs: list[list[dict]], template: str, batch_size: int = 4,
+                max_len: int = 1024) -> list[tuple[float, int]]:
+    """(sum NLL, labelled tokens) per held-out conversation, assistant tokens only."""
+    import torch
+
+    from chatforge.data.tokenize import encode_messages
+    from chatforge.train.ppo_math import logprobs_from_logits
+
+    encs = []
+    for c in convs:
+        e = encode_messages(tokenizer, c, template=template)
+        encs.append((list(e.input_ids)[:max_len], list(e.labels)[:max_len]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(encs)
+    order = sorted(range(len(encs)), key=lambda i: len(encs[i][0]))
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for b in _batches(order, batch_size):
+            t = max(len(encs[i][0]) for i in b)
+            ids = torch.zeros((len(b), t), dtype=torch.long)
+            labels = torch.full((len(b), t), -100, dtype=torch.long)
+            mask = torch.zeros((len(b), t), dtype=torch.long)
+            for j, i in enumerate(b):
+                x, y = encs[i]
+                ids[j, :len(x)] = torch.tensor(x)
+                labels[j, :len(y)] = torch.tensor(y)
+                mask[j, :len(x)] = 1
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits[:, :-1]
+            tgt = labels[:, 1:]
+            keep = tgt != -100
+            lp = logprobs_from_logits(logits, tgt.clamp(min=0).to(dev)).cpu()
+            nll = -(lp * keep).sum(-1)
+            for j, i in enumerate(b):
+                out[i] = (float(nll[j]), int(keep[j].sum()))
+            del logits, lp
+    return out
+
+
+def generate_responses(model, tokenizer, prompts: list[list[dict]], template: str, s: EvalSettings) -> list[dict]:
+    """Engine completions for every prompt: ``{"prompt_ids", "token_ids", "text", "finish_reason"}``.
+
+    ``token_ids`` are the tokens the model chose, including its end-of-turn token when it
+    emitted one (the engine's convention; it is part of the policy's action for the KL)."""
+    from chatforge.data.tokenize import encode_prompt
+    from chatforge.generate.engine import Engine, SamplingConfig
+
+    engine = Engine(model, tokenizer)
+    pids = [list(encode_prompt(tokenizer, p, template=template)) for p in prompts]
+    pids = [p[-(s.max_len - s.max_new_tokens):] if len(p) > s.max_len - s.max_new_tokens else p for p in pids]
+    out: list[dict] = []
+    for bi, b in enumerate(_batches(list(range(len(pids))), s.batch_size)):
+        cfg = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                             top_k=s.top_k, seed=s.seed + bi)
+        for i, c in zip(b, engine.generate([pids[i] for i in b], cfg)):
+            out.append({"prompt_ids": pids[i], "token_ids": list(c.token_ids), "text": c.text,
+                        "finish_reason": c.finish_reason})
+    return out
+
+
+# ================================================================ cache
+def identity(path: str) -> list[Any]:
+    """What a model's numbers depend on: resolved folder + its weight/config files' stats."""
+    from chatforge.models.load import resolve
+
+    r = resolve(path)
+    if r.kind in ("tiny", "hub"):
+        return [r.kind, r.path]
+    p = Path(r.path).resolve()
+    files = [f for f in sorted(p.iterdir()) if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf")
+                                                                 or f.name.endswith("config.json"))]
+    if r.gguf_file:
+        files = [p / r.gguf_file]
+    return [str(p), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
+
+
+def key_of(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class Cache:
+    def __init__(self, root: Path | None):
+        self.root = root
+
+    def get(self, kind: str, key: str) -> Any:
+        if self.root is None:
+            return None
+        f = self.root / f"{kind}-{key}.json"
+        try:
+            return json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def put(self, kind: str, key: str, value: Any) -> Any:
+        if self.root is not None:
+            atomic_write_text(self.root / f"{kind}-{key}.json", json.dumps(value))
+        return value
+
+
+# ================================================================ the evaluation
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baseline: str | Path | None = None,
+                  prompts: str | Path | None = None, heldout: str | Path | None = None, rm: str | Path | None = None,
+                  max_prompts: int = 32, max_new_tokens: int = 128, seed: int = 0, judge: Any = None,
+                  out: str | Path | None = None, settings: EvalSettings | None = None,
+                  progress: Callable[[str], None] = _log) -> EvalResult:
+    """Evaluate every checkpoint of each run (see the module docstring); writes
+    ``eval.json``, ``eval.jsonl`` and ``samples.jsonl`` into ``out`` when given.
+
+    ``runs`` is a list of run folders / model names, or a mapping label -> run (e.g.
+    ``{"base": "smollm2", "sft": "runs/x/sft"}``). ``judge`` is a :class:`chatforge.eval.judge.Judge`.
+    """
+    from chatforge.models.load import load
+
+    s = settings or EvalSettings(max_prompts=max_prompts, max_new_tokens=max_new_tokens, seed=seed)
+    s.validate()
+    outp = Path(out) if out is not None else None
+    cache = Cache(outp / "cache" if outp is not None else None)
+    notes: list[str] = []
+
+    # ---- targets (baseline first: everyone's win rate is measured against it)
+    pairs = _labels(runs)
+    if not pairs:
+        raise ConfigError("no run or model to evaluate")
+    base_str = str(baseline) if baseline is not None else None
+    targets: list[Target] = []
+    for lab, r in pairs:
+        ts, n = targets_of(lab, r, base_str)
+        targets += ts
+        notes += n
+    base_target: Target | None = None
+    if base_str is not None:
+        from chatforge.models.load import resolve
+
+        base_dir = Path(resolve(base_str).path).resolve()
+        bp = Path(base_str).expanduser().resolve()
+        base_target = next((t for t in targets if t.final and t.run_dir and Path(t.run_dir).resolve() == bp), None)
+        base_target = base_target or next((t for t in targets if t.path == base_str or (
+            Path(t.path).exists() and Path(resolve(t.path).path).resolve() == base_dir)), None)
+        if base_target is None:
+            lab = Path(base_str).name if Path(base_str).exists() else base_str
+            bt, n = targets_of(lab, base_str, None)
+            base_target = bt[-1]  # a run's final model (its newest checkpoint when unfinished)
+            notes += n
+            targets.insert(0, base_target)
+
+    fallback = None
+    for t in targets:
+        cfg = _read_yaml(Path(t.path).parent.parent / "config.yaml") if t.step is not None or t.final else {}
+        ed = cfg.get("eval_data")
+        if isinstance(ed, list) and ed:
+            fallback = ed[0]
+            break
+    prompt_msgs, convs = load_eval_data(prompts, heldout, s, fallback)
+    if not convs:
+        notes.append("no held-out conversations: perplexity not measured (pass --heldout FILE)")
+    data_key = key_of(prompt_msgs, convs)
+    gen_settings = {k: v for k, v in asdict(s).items() if k not in ("z",)}
+    progress(f"eval: {len(targets)} model(s) x {len(prompt_msgs)} prompts, {len(convs)} held-out conversations")
+
+    # ---- phase 1: per target, one model in memory: perplexity, responses, own log-probs
+    gen: dict[str, dict] = {}
+    gkeys: dict[str, str] = {}
+    for t in targets:
+        k = key_of("gen", identity(t.path), t.template, data_key, gen_settings)
+        gkeys[t.label] = k
+        hit = cache.get("gen", k)
+        if hit is not None:
+            gen[t.label] = hit
+            continue
+        t0 = time.time()
+        model, tok = load(t.path, dtype=s.dtype)
+        model.eval()
+        nll = heldout_nll(model, tok, convs, t.template, max(1, s.batch_size // 2), s.max_len) if convs else []
+        resp = generate_responses(model, tok, prompt_msgs, t.template, s)
+        lps = response_logprobs(model, [r["prompt_ids"] for r in resp], [r["token_ids"] for r in resp],
+                                max(1, s.batch_size // 2), s.max_len)
+        for r, lp in zip(resp, lps):
+            r["logp"] = lp
+        gen[t.label] = cache.put("gen", k, {"nll": nll, "responses": resp, "vocab": len(tok)})
+        del model, tok
+        gc.collect()
+        progress(f"eval: {t.label}: {time.time() - t0:.1f}s")
+
+    # ---- phase 2: KL, loading each reference once
+    kl: dict[str, list[float]] = {}
+    by_ref: dict[str, list[Target]] = {}
+    for t in targets:
+        if t.ref is not None:
+            by_ref.setdefault(t.ref, []).append(t)
+    for ref, ts in by_ref.items():
+        rid = identity(ref)
+        todo = []
+        for t in ts:
+            hit = cache.get("kl", key_of("kl", gkeys[t.label], rid))
+            if hit is not None:
+                kl[t.label] = hit
+            else:
+                todo.append(t)
+        if not todo:
+            continue
+        model, tok = load(ref, dtype=s.dtype)
+        model.eval()
+        for t in todo:
+            g = gen[t.label]
+            if len(tok) != g["vocab"]:
+                notes.append(f"{t.label}: reference {ref} has another vocabulary; KL skipped")
+                continue
+            ref_lp = response_logprobs(model, [r["prompt_ids"] for r in g["responses"]],
+                                       [r["token_ids"] for r in g["responses"]], max(1, s.batch_size // 2), s.max_len)
+            kl[t.label] = cache.put("kl", key_of("kl", gkeys[t.label], rid),
+                                    [r["logp"] - x for r, x in zip(g["responses"], ref_lp)])
+        del model, tok
+        gc.collect()
+
+    # ---- phase 3: reward model (loaded once) and RM win rate vs the baseline
+    rm_scores: dict[str, list[float]] = {}
+    if rm is not None:
+        rm_scores = _score_all(rm, targets, gen, gkeys, prompt_msgs, s, cache, notes)
+
+    # ---- phase 4: LLM judge
+    judged: dict[str, list[tuple[float, list]]] = {}
+    if judge is not None:
+        if base_target is None:
+            notes.append("the LLM judge compares against a baseline: pass --baseline; judge skipped")
+        else:
+            base_resp = gen[base_target.label]["responses"]
+            for t in targets:
+                if t is base_target:
+                    continue
+                k = key_of("judge", gkeys[t.label], gkeys[base_target.label], judge.url, judge.model)
+                hit = cache.get("judge", k)
+                if hit is None:
+                    res = []
+                    for pm, a, b in zip(prompt_msgs, gen[t.label]["responses"], base_resp):
+                        res.append((0.5, ["same", "same"]) if a["text"].strip() == b["text"].strip()
+                                   else judge.compare(prompt_text(pm), a["text"], b["text"]))
+                    hit = cache.put("judge", k, res)
+                judged[t.label] = [(float(o), v) for o, v in hit]
+
+    result = assemble(targets, gen, kl, rm_scores, judged, base_target, prompt_msgs, s, notes)
+    if outp is not None:
+        write_outputs(result, outp)
+    return result
+
+
+def _score_all(rm: str | Path, targets: list[Target], gen: dict, gkeys: dict, prompt_msgs: list, s: EvalSettings,
+               cache: Cache, notes: list[str]) -> dict[str, list[float]]:
+    try:
+        from chatforge.models.heads import load_reward_model, score_texts
+    except ImportError as e:  # the reward-model code is not installed in this build
+        notes.append(f"RM metrics skipped: reward-model scoring is unavailable ({e})")
+        return {}
+    rid = identity(str(rm)) if not Path(str(rm)).is_dir() else _rm_identity(Path(str(rm)))
+    scores: dict[str, list[float]] = {}
+    todo = []
+    for t in targets:
+        hit = cache.get("rm", key_of("rm", gkeys[t.label], rid))
+        if hit is not None:
+            scores[t.label] = hit
+        else:
+            todo.append(t)
+    if todo:
+        model, tok = load_reward_model(rm, dtype=s.dtype)
+        if tok is None:
+            from chatforge.models.load import load_tokenizer
+
+            tok = load_tokenizer(todo[0].path)
+        for t in todo:
+            texts = [r["text"] for r in gen[t.label]["responses"]]
+            sc = score_texts(model, tok, prompt_msgs, texts, batch_size=s.batch_size, max_len=s.max_len,
+                             template=t.template)
+            scores[t.label] = cache.put("rm", key_of("rm", gkeys[t.label], rid), sc)
+        del model, tok
+        gc.collect()
+    return scores
+
+
+def _rm_identity(p: Path) -> list[Any]:
+    from chatforge.models.load import run_model_dir
+
+    d = run_model_dir(p) or p
+    return [str(d.resolve()), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(d.rglob("*"))
+                               if f.is_file() and (f.suffix == ".safetensors" or f.name.endswith(".json"))]]
+
+
+# ================================================================ rows, best, warnings
+def _fin(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged: dict, base_target: Target | None,
+             prompt_msgs: list, s: EvalSettings, notes: list[str]) -> EvalResult:
+    """Rows, samples, best checkpoint per run, regression warnings (pure: no models)."""
+    rows, samples = [], []
+    items: dict[str, dict[str, list[float]]] = {}
+    base_lab = base_target.label if base_target else None
+    for t in targets:
+        g = gen[t.label]
+        resp = g["responses"]
+        texts = [r["text"] for r in resp]
+        nll = g["nll"]
+        ntok = sum(n for _, n in nll)
+        conv_nll = [x / n for x, n in nll if n > 0]
+        loops = [1.0 if M.falls_into_loop(x) else 0.0 for x in texts]
+        row: dict[str, Any] = {
+            "run": t.run, "checkpoint": t.name, "label": t.label, "path": t.path, "step": t.step,
+            "final": t.final, "baseline": t.label == base_lab, "ref": t.ref,
+            "ppl": math.exp(sum(x for x, _ in nll) / ntok) if ntok else None,
+            "nll": M.mean(conv_nll) if conv_nll else None, "nll_se": M.stderr(conv_nll) if conv_nll else None,
+            "kl": M.mean(kl[t.label]) if t.label in kl else None,
+            "len_tokens": M.mean([len(r["token_ids"]) for r in resp]),
+            "len_words": M.mean([len(M.words(x)) for x in texts]),
+            **M.degeneration(texts, [r["finish_reason"] for r in resp]),
+        }
+        it = {"nll": conv_nll, "loop": loops}
+        if t.label in rm_scores:
+            sc = rm_scores[t.label]
+            row["rm_score"] = M.mean(sc)
+            it["rm"] = sc
+            if base_lab is not None and base_lab in rm_scores:  # the baseline itself: all ties, 0.5
+                outc = [0.5 if a["text"].strip() == b["text"].strip() else M.compare_scores(x, y, 1e-6)
+                        for a, b, x, y in zip(resp, gen[base_lab]["responses"], sc, rm_scores[base_lab])]
+                row["win_rate"] = M.win_rate(outc)
+                row["win_lo"], row["win_hi"] = M.bootstrap_ci(outc, seed=s.seed)
+                it["win"] = outc
+        if t.label == base_lab and judged:
+            judged[t.label] = [(0.5, ["same", "same"])] * len(resp)
+        if t.label in judged:
+            outc = [o for o, _ in judged[t.label]]
+            row["judge_win_rate"] = M.win_rate(outc)
+            it["judge"] = outc
+        rows.append({k: _fin(v) if isinstance(v, float) else v for k, v in row.items()})
+        items[t.label] = it
+        for i, r in enumerate(resp):
+            smp = {"label": t.label, "run": t.run, "checkpoint": t.name, "prompt_index": i, "response": r["text"],
+                   "finish_reason": r["finish_reason"], "n_tokens": len(r["token_ids"]), "loop": bool(loops[i])}
+            if t.label in kl:
+                smp["kl"] = kl[t.label][i]
+            if "rm" in it:
+                smp["rm_score"] = it["rm"][i]
+            if "win" in it:
+                smp["rm_outcome"] = it["win"][i]
+            if t.label in judged:
+                smp["judge_outcome"], smp["judge_verdicts"] = judged[t.label][i]
+            samples.append(smp)
+
+    # ---- which metric picks the best checkpoint
+    def has(k: str) -> bool:
+        return any(r.get(k) is not None for r in rows if not r["baseline"])
+
+    selection, key, higher, min_delta = None, None, True, 0.0
+    for sel, k, hi, md in (("win_rate", "win", True, 0.0), ("judge_win_rate", "judge", True, 0.0),
+                           ("rm_score", "rm", True, 0.0), ("ppl", "nll", False, 0.005)):
+        if has(sel):
+            selection, key, higher, min_delta = sel, k, hi, md
+            break
+    if selection is None:
+        notes.append("no selection metric (no held-out conversations and no RM/judge): best checkpoint not flagged")
+
+    best: dict[str, str] = {}
+    warnings: list[str] = []
+    by_run: dict[str, list[int]] = {}
+    evaluated_runs = {t.run for t in targets if t is not base_target}
+    for i, r in enumerate(rows):
+        if r["run"] in evaluated_runs:  # a baseline added only for comparison has no trajectory
+            by_run.setdefault(r["run"], []).append(i)
+    for run, idx in by_run.items():
+        if selection is None:
+            break
+        bi = _best_row(rows, idx, selection, higher)
+        if bi is None:
+            continue
+        rows[bi]["best"] = True
+        best[run] = rows[bi]["label"]
+        if len(idx) > 1 and bi != idx[-1]:
+            notes.append(f"{run}: best checkpoint is {rows[bi]['checkpoint']} ({selection} {_fmt(rows[bi][selection])}), "
+                         f"not the last ({_fmt(rows[idx[-1]][selection])}): {rows[bi]['path']}")
+        # oscillation: later checkpoints worse than earlier ones beyond noise
+        labs = [rows[i]["label"] for i in idx]
+        for metric, k, hi, md, what in ((selection, key, higher, min_delta, selection),
+                                        ("loop_rate", "loop", False, 0.1, "loop rate")):
+            series = [items[lab].get(k) for lab in labs]
+            if any(x is None for x in series) or len(series) < 2:
+                continue
+            for reg in M.regressions(series, hi, z=s.z, min_delta=md):
+                ri, re_ = rows[idx[reg.index]], rows[idx[reg.earlier]]
+                v, ev = ri.get(metric), re_.get(metric)
+                msg = (f"{run}: {ri['checkpoint']} is worse than the earlier {re_['checkpoint']} on {what} "
+                       f"({_fmt(v)} vs {_fmt(ev)}; paired difference {reg.delta:.3g} > {s.z:g} x se {reg.se:.2g})")
+                warnings.append(msg)
+                ri.setdefault("regressions", []).append(f"{what} worse than {re_['checkpoint']}")
+    candidates = [i for i, r in enumerate(rows) if r.get("best")]
+    if selection is not None and candidates:
+        best["overall"] = rows[_best_row(rows, candidates, selection, higher)]["label"]
+    for r in rows:
+        r.setdefault("best", False)
+    pr = [{"index": i, "text": prompt_text(p), "messages": p} for i, p in enumerate(prompt_msgs)]
+    st = asdict(s)
+    return EvalResult(rows, samples, pr, best, selection, warnings, notes, st)
+
+
+def _best_row(rows: list[dict], idx: list[int], selection: str, higher: bool) -> int | None:
+    """The best of ``rows[idx]`` by ``selection``; win rates saturate (every response beats
+    the baseline), so ties are broken by the mean RM score, then by the earlier checkpoint."""
+    sign = 1.0 if higher else -1.0
+    ok = [i for i in idx if rows[i].get(selection) is not None]
+    if not ok:
+        return None
+    tie = "rm_score" if selection in ("win_rate", "judge_win_rate") else None
+    return max(ok, key=lambda i: (sign * rows[i][selection], (rows[i].get(tie) or -math.inf) if tie else 0.0, -idx.index(i)))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def write_outputs(result: EvalResult, out: Path) -> None:
+    """``eval.json`` (everything), ``eval.jsonl`` (one row per checkpoint), ``samples.jsonl``."""
+    out.mkdir(parents=True, exist_ok=True)
+    result.out = out
+    atomic_write_text(out / "eval.json", json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "eval.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows))
+    atomic_write_text(out / "samples.jsonl",
+                      "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in result.samples))

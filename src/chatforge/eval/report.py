@@ -1,0 +1,364 @@
+"""The pipeline report: ``report.html`` (self-contained) and ``report.md`` (terminals).
+
+``report.html`` opens from disk anywhere: CSS inline, every figure a PNG embedded as a
+base64 data URI, no script, no external reference. The PNGs are also written beside it
+(into the pipeline folder) so ``report.md`` can show them where Markdown renders images.
+
+Contents: training curves of each stage (from its ``metrics.jsonl``), the evaluation's
+per-checkpoint curves, the checkpoint table (best flagged, regressions warned), warnings
+and notes, and sample responses side by side on the same held-out prompts.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from chatforge.eval.evaluate import EvalResult
+from chatforge.runs import atomic_write_text, plot_curves, read_metrics
+
+# metric keys never worth a panel
+_BOOKKEEPING = ("step", "time", "lr", "tokens_per_s", "step_time_s", "grad_norm", "epoch", "peak_rss", "samples_per_s",
+                "wall", "tokens")
+# what to plot first for each kind of stage (substrings of metric keys, in order)
+_PRIORITY = {
+    "sft": ("loss", "ppl", "acc"),
+    "rm": ("acc", "loss", "margin"),
+    "ppo": ("reward", "score", "kl", "entropy", "len", "loss"),
+    "dpo": ("loss", "acc", "margin", "reward"),
+}
+MAX_PANELS = 6
+
+# (row key, column header, format)
+COLUMNS = [
+    ("step", "step", "d"),
+    ("ppl", "ppl", ".2f"),
+    ("kl", "KL", ".2f"),
+    ("rm_score", "RM", ".3f"),
+    ("win_rate", "win", ".2f"),
+    ("judge_win_rate", "judge", ".2f"),
+    ("len_tokens", "len", ".0f"),
+    ("rep_ngram", "rep3", ".2f"),
+    ("distinct_1", "d-1", ".2f"),
+    ("distinct_2", "d-2", ".2f"),
+    ("loop_rate", "loop", ".0%"),
+    ("no_eos_rate", "no-EOS", ".0%"),
+]
+
+LEGEND = ("ppl: held-out perplexity (assistant tokens) · KL: Σ log π/π_ref over the response, to the run's "
+          "starting model · RM: mean reward · win: RM win rate vs the baseline (ties ½) [95% bootstrap] · judge: "
+          "LLM-judge win rate (both orders) · len: response tokens · rep3: repeated 3-gram rate · d-1/d-2: "
+          "distinct-1/2 · loop: share of responses ending in a loop · no-EOS: share cut by the token budget · "
+          "★ best checkpoint of its run · ⚠ worse than an earlier checkpoint beyond noise")
+
+
+# ---------------------------------------------------------------- figures
+def stage_kind(name: str, rows: Sequence[dict[str, Any]] = ()) -> str:
+    n = name.lower()
+    for kind in ("sft", "dpo", "ppo", "rloo", "rm", "reward"):
+        if kind in n:
+            return {"rloo": "ppo", "reward": "rm"}.get(kind, kind)
+    keys = {k for r in rows for k in r}
+    if any("kl" in k for k in keys) and any("reward" in k for k in keys):
+        return "ppo"
+    return "sft"
+
+
+def curve_keys(rows: Sequence[dict[str, Any]], kind: str) -> list[str]:
+    """The metrics worth plotting, most telling first; ``eval_x`` right after ``x``."""
+    numeric: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if k in numeric or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if any(k == b or k.startswith(b + "_") or k.endswith("_" + b) for b in _BOOKKEEPING):
+                continue
+            numeric.append(k)
+    chosen: list[str] = []
+    for sub in _PRIORITY.get(kind, ()):
+        for k in numeric:
+            if sub not in k.lower() or k in chosen:
+                continue
+            base = k[len("eval_"):] if k.startswith("eval_") else k
+            chosen += [x for x in (base, f"eval_{base}") if x in numeric and x not in chosen]
+    for k in numeric:  # eval-only metrics and anything else, after the priorities
+        if k not in chosen and len(chosen) < 2:
+            chosen.append(k)
+    return chosen[:MAX_PANELS]
+
+
+def stage_curves(name: str, run: str | Path, out_dir: Path) -> Path | None:
+    rows = read_metrics(Path(run) / "metrics.jsonl")
+    if not rows:
+        return None
+    keys = curve_keys(rows, stage_kind(name, rows))
+    return plot_curves(rows, keys, out_dir / f"curves_{_slug(name)}.png", title=f"{name} ({Path(run).name})") if keys else None
+
+
+def checkpoint_curves(result: EvalResult, out: Path) -> Path | None:
+    """Per-checkpoint evaluation figures vs training step, one line per run: where the
+    oscillations show."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in (result.selection, "kl", "loop_rate", "rep_ngram", "len_tokens") if k]
+    keys = list(dict.fromkeys(keys))
+    runs: dict[str, list[dict]] = {}
+    for r in result.rows:
+        if r.get("step") is not None:
+            runs.setdefault(r["run"], []).append(r)
+    runs = {k: v for k, v in runs.items() if len(v) >= 2}
+    keys = [k for k in keys if any(r.get(k) is not None for v in runs.values() for r in v)]
+    if not runs or not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for run, rs in runs.items():
+            pts = sorted((r["step"], r[k]) for r in rs if r.get(k) is not None)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=run)
+            for r in rs:
+                if r.get("best") and r.get(k) is not None and k == result.selection:
+                    ax.plot([r["step"]], [r[k]], marker="*", markersize=14, color="gold", markeredgecolor="k")
+                if r.get("regressions") and r.get(k) is not None and k == result.selection:
+                    ax.plot([r["step"]], [r[k]], marker="x", markersize=10, color="red")
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("evaluation per checkpoint (★ best, × regression)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------- the table
+def _cell(v: Any, fmt: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if fmt == "d":
+        return str(int(v))
+    return format(v, fmt)
+
+
+def table(result: EvalResult) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the checkpoint table (only the columns that have a value)."""
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in result.rows)]
+    header = ["model"] + [c[1] for c in cols]
+    body = []
+    for r in result.rows:
+        name = r["label"] + (" (final)" if r.get("final") and r["checkpoint"] != "final" else "")
+        name += " (baseline)" if r.get("baseline") else ""
+        name += " ★" if r.get("best") else ""
+        name += " ⚠" if r.get("regressions") else ""
+        cells = [name]
+        for k, _, fmt in cols:
+            c = _cell(r.get(k), fmt)
+            if k == "win_rate" and r.get("win_lo") is not None and not r.get("baseline"):
+                c += f" [{r['win_lo']:.2f}–{r['win_hi']:.2f}]"
+            cells.append(c)
+        body.append(cells)
+    return header, body
+
+
+def markdown_table(result: EvalResult) -> str:
+    header, body = table(result)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def text_table(result: EvalResult) -> str:
+    """Aligned plain-text table for the terminal."""
+    header, body = table(result)
+    w = [max(len(x) for x in col) for col in zip(header, *body)]
+    fmt = lambda row: "  ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row))  # noqa: E731
+    return "\n".join([fmt(header), "  ".join("-" * x for x in w)] + [fmt(r) for r in body])
+
+
+# ---------------------------------------------------------------- samples side by side
+def sample_columns(result: EvalResult) -> list[dict[str, Any]]:
+    """One row per run to show: its best checkpoint, else its final model, else its last."""
+    out: dict[str, dict] = {}
+    for r in result.rows:
+        cur = out.get(r["run"])
+        rank = (2 if r.get("best") else 1 if r.get("final") else 0)
+        if cur is None or rank >= (2 if cur.get("best") else 1 if cur.get("final") else 0):
+            out[r["run"]] = r
+    return list(out.values())
+
+
+def side_by_side(result: EvalResult, samples: Sequence[dict[str, Any]], max_prompts: int = 6
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(columns, [{"prompt": text, "responses": [sample or None per column]}])."""
+    cols = sample_columns(result)
+    by = {(s["label"], s["prompt_index"]): s for s in samples}
+    rows = []
+    for p in result.prompts[:max_prompts]:
+        rows.append({"prompt": p["text"], "responses": [by.get((c["label"], p["index"])) for c in cols]})
+    return cols, rows
+
+
+# ---------------------------------------------------------------- writing
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in s)
+
+
+def _data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1280px;color:#222;
+padding:0 16px;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:1.6em}
+.meta{color:#666;font-size:.9em}
+table{border-collapse:collapse;font-size:.88em;margin:8px 0}
+th,td{border:1px solid #ddd;padding:4px 8px;vertical-align:top}
+th{background:#f4f4f6;text-align:center} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.best td{background:#fff8d6} tr.regressed td:first-child{color:#b00020}
+.warn{background:#fdecea;border-left:4px solid #d93025;padding:6px 10px;margin:4px 0}
+.note{background:#eef3fd;border-left:4px solid #4a76d4;padding:6px 10px;margin:4px 0}
+.legend{color:#555;font-size:.82em;max-width:1100px}
+img{max-width:100%;border:1px solid #eee;margin:6px 0}
+table.samples{table-layout:fixed;width:100%} table.samples td{white-space:pre-wrap;word-wrap:break-word;font-size:.85em}
+table.samples td.prompt{background:#fafafa;font-weight:600}
+.tag{display:inline-block;font-size:.75em;padding:0 5px;border-radius:3px;background:#eee;color:#555;margin-left:4px}
+.tag.bad{background:#fdecea;color:#b00020}
+"""
+
+
+def _esc(s: Any) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n].rstrip() + " …"
+
+
+def render_html(title: str, figures: list[tuple[str, Path]], result: EvalResult | None,
+                samples: Sequence[dict[str, Any]], stages: Mapping[str, str | Path], max_chars: int = 1200) -> str:
+    h = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{_esc(title)}</title>",
+         f"<style>{CSS}</style></head><body>", f"<h1>{_esc(title)}</h1>",
+         f"<p class=meta>written {time.strftime('%Y-%m-%d %H:%M')}"]
+    if stages:
+        h.append(" · stages: " + ", ".join(f"<b>{_esc(k)}</b> <code>{_esc(v)}</code>" for k, v in stages.items()))
+    h.append("</p>")
+    if result is not None:
+        h.append("<h2>Checkpoints</h2>")
+        st = result.settings
+        h.append(f"<p class=meta>{len(result.prompts)} held-out prompts · max {_esc(st.get('max_new_tokens'))} new "
+                 f"tokens · {'greedy' if not st.get('temperature') else 'temperature ' + _esc(st.get('temperature'))}"
+                 f" · best by <b>{_esc(result.selection or 'nothing')}</b></p>")
+        for w in result.warnings:
+            h.append(f"<div class=warn>⚠ {_esc(w)}</div>")
+        header, body = table(result)
+        h.append("<table class=ckpt><tr>" + "".join(f"<th>{_esc(x)}</th>" for x in header) + "</tr>")
+        for r, cells in zip(result.rows, body):
+            cls = " ".join(c for c, on in (("best", r.get("best")), ("regressed", r.get("regressions"))) if on)
+            h.append(f"<tr class='{cls}'><td>{_esc(cells[0])}</td>"
+                     + "".join(f"<td class=num>{_esc(c)}</td>" for c in cells[1:]) + "</tr>")
+        h.append("</table>")
+        h.append(f"<p class=legend>{_esc(LEGEND)}</p>")
+        for n in result.notes:
+            h.append(f"<div class=note>{_esc(n)}</div>")
+    if figures:
+        h.append("<h2>Curves</h2>")
+        for cap, png in figures:
+            h.append(f"<figure><img alt='{_esc(cap)}' src='{_data_uri(png)}'><figcaption class=meta>{_esc(cap)}"
+                     "</figcaption></figure>")
+    if result is not None and samples:
+        cols, rows = side_by_side(result, samples)
+        if rows:
+            h.append("<h2>Sample responses</h2><p class=meta>the same held-out prompts; each run's best checkpoint "
+                     "(else its final model)</p><table class=samples><tr><th>prompt</th>"
+                     + "".join(f"<th>{_esc(c['label'])}</th>" for c in cols) + "</tr>")
+            for row in rows:
+                h.append(f"<tr><td class=prompt>{_esc(_clip(row['prompt'], 600))}</td>")
+                for s in row["responses"]:
+                    if s is None:
+                        h.append("<td>–</td>")
+                        continue
+                    tags = ""
+                    if s.get("loop"):
+                        tags += "<span class='tag bad'>loop</span>"
+                    if s.get("finish_reason") == "length":
+                        tags += "<span class='tag bad'>no EOS</span>"
+                    if s.get("rm_score") is not None:
+                        tags += f"<span class=tag>RM {s['rm_score']:.2f}</span>"
+                    h.append(f"<td>{_esc(_clip(s['response'], max_chars))}{tags}</td>")
+                h.append("</tr>")
+            h.append("</table>")
+    h.append("</body></html>")
+    return "\n".join(h)
+
+
+def render_markdown(title: str, figures: list[tuple[str, Path]], result: EvalResult | None,
+                    samples: Sequence[dict[str, Any]], max_chars: int = 300) -> str:
+    md = [f"# {title}", ""]
+    if result is not None:
+        md += ["## Checkpoints", "", markdown_table(result), "", LEGEND, ""]
+        md += [f"**best**: {k}: {v}" + "  " for k, v in result.best.items()]
+        md += [""] + [f"> ⚠ {w}" + "  " for w in result.warnings] + [""]
+        md += [f"- {n}" for n in result.notes] + [""]
+    if figures:
+        md += ["## Curves", ""] + [f"![{cap}]({png.name})" for cap, png in figures] + [""]
+    if result is not None and samples:
+        cols, rows = side_by_side(result, samples)
+        if rows:
+            md += ["## Sample responses", ""]
+            for row in rows:
+                md.append(f"**{_clip(row['prompt'], 300)}**".replace("\n", " "))
+                md.append("")
+                for c, s in zip(cols, row["responses"]):
+                    txt = "–" if s is None else _clip(s["response"], max_chars).replace("\n", " ")
+                    md.append(f"- *{c['label']}*: {txt}")
+                md.append("")
+    return "\n".join(md) + "\n"
+
+
+def load_result(eval_dir: str | Path) -> tuple[EvalResult, list[dict[str, Any]]]:
+    """An evaluation written by :func:`chatforge.eval.evaluate.write_outputs`, read back."""
+    d = Path(eval_dir)
+    data = json.loads((d / "eval.json").read_text(encoding="utf-8"))
+    samples = [json.loads(x) for x in (d / "samples.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    res = EvalResult(data["rows"], samples, data["prompts"], data["best"], data["selection"], data["warnings"],
+                     data["notes"], data["settings"], d)
+    return res, samples
+
+
+def write_report(pipeline_dir: str | Path, stages: Mapping[str, str | Path], eval_result: EvalResult | str | Path | None,
+                 samples: Sequence[dict[str, Any]] | None = None, title: str = "chatforge report") -> tuple[Path, Path]:
+    """Write the PNGs, ``report.html`` and ``report.md`` into ``pipeline_dir``.
+
+    ``stages`` maps a stage name (sft, rm, ppo, dpo, ...) to its run folder; the kind of
+    curves drawn follows the name. ``eval_result`` is an :class:`EvalResult` or the folder
+    it was written to; ``samples`` default to the result's own.
+    """
+    out = Path(pipeline_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(eval_result, (str, Path)):
+        eval_result, loaded = load_result(eval_result)
+        samples = samples if samples is not None else loaded
+    if samples is None and eval_result is not None:
+        samples = eval_result.samples
+    figures: list[tuple[str, Path]] = []
+    if eval_result is not None:
+        png = checkpoint_curves(eval_result, out / "eval_checkpoints.png")
+        if png is not None:
+            figures.append(("evaluation per checkpoint", png))
+    for name, run in stages.items():
+        png = stage_curves(name, run, out)
+        if png is not None:
+            figures.append((f"{name}: training curves", png))
+    html_path, md_path = out / "report.html", out / "report.md"
+    atomic_write_text(html_path, render_html(title, figures, eval_result, samples or [], stages))
+    atomic_write_text(md_path, render_markdown(title, figures, eval_result, samples or []))
+    return html_path, md_path
