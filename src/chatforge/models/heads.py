@@ -121,6 +121,7 @@ class RewardModel(nn.Module):
         object.__setattr__(self, "peft", peft)
         self.adapter_name = adapter_name
         self.pad_token_id = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
+        self.train_info: dict[str, Any] = {}  # template / max_len it was trained with (saved in reward_model.json)
 
     @classmethod
     def from_causal_lm(cls, lm, pad_token_id: int | None = None, bias: bool = False) -> "RewardModel":
@@ -239,6 +240,7 @@ class RewardModel(nn.Module):
             "lora_adapter": ADAPTER_DIR if self.is_lora else None,
             "base_model": getattr(self.config, "_name_or_path", "") or None,
             "read_at": "last real token (attention mask); HF agrees while pad_token_id never occurs in text",
+            "train": self.train_info,
         }
         (out / RM_NOTE).write_text(json.dumps(note, indent=2) + "\n")
 
@@ -322,6 +324,7 @@ def load_reward_model(path_or_run: str | Path, dtype: str | torch.dtype = "fp32"
         head = _head_from(load_file(str(ad / HEAD_FILE)), cfg.hidden_size).requires_grad_(False)
         rm = RewardModel(backbone, head, cfg, peft=onto, adapter_name=adapter_name,
                          pad_token_id=note.get("pad_token_id"))
+        rm.train_info = dict(note.get("train") or {})
         return rm.to(next(backbone.parameters()).device).eval(), tok
     cfg = AutoConfig.from_pretrained(str(d))
     archs = cfg.architectures or []
@@ -337,6 +340,7 @@ def load_reward_model(path_or_run: str | Path, dtype: str | torch.dtype = "fp32"
             raise ChatforgeError(f"{d}: a plain model, not a reward model (no score head)")
         head = _head_from(load_file(str(d / HEAD_FILE)), cfg.hidden_size)
     rm = RewardModel(backbone, head, cfg, pad_token_id=note.get("pad_token_id", cfg.pad_token_id))
+    rm.train_info = dict(note.get("train") or {})
     if device is not None:
         rm = rm.to(device)
     return rm.eval(), tok
@@ -405,10 +409,15 @@ def score_ids(rm: RewardModel, seqs: Sequence[Sequence[int]], pad_id: int, batch
 
 
 def score_texts(rm: RewardModel, tokenizer, prompts: Sequence[list[dict[str, str]]], responses: Sequence[str],
-                batch_size: int = 8, max_len: int = 1024, template: str = "auto") -> list[float]:
-    """One reward per (prompt messages, response text): the API PPO and eval call."""
+                batch_size: int = 8, max_len: int | None = None, template: str | None = None) -> list[float]:
+    """One reward per (prompt messages, response text): the API PPO and eval call.
+
+    ``template`` / ``max_len`` default to what the reward model was trained with."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    info = getattr(rm, "train_info", {}) or {}
+    template = template or info.get("template", "auto")
+    max_len = max_len or int(info.get("max_len", 1024))
     seqs = [encode_for_reward(tokenizer, p, r, max_len, template)[0] for p, r in zip(prompts, responses)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return score_ids(rm, seqs, pad, batch_size)

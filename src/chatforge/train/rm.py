@@ -1,0 +1,597 @@
+"""Reward model from human preferences: pairwise (Bradley-Terry), K-wise (InstructGPT) and
+listwise (Plackett-Luce) losses, on ``Preference`` and ``Ranking`` records.
+
+Model: a causal LM's backbone + a scalar head read at the end-of-turn token of
+prompt (chat template) + response (:mod:`chatforge.models.heads`); full fine-tuning or LoRA.
+
+Data. Each record becomes a *group*: its responses best -> worst (a ``Preference`` is a
+group of 2, a ``Ranking`` of K). ``loss=pairwise`` expands every group into its K(K-1)/2
+(better, worse) pairs, each an independent sample -- what TRL / OpenRLHF / DeepSpeed-Chat
+do. ``loss=kwise`` / ``listwise`` scores the K responses of a group in the same step, so
+each ranking counts once (InstructGPT: treating the pairs as independent samples
+over-fits, because every response then appears in K-1 samples of an epoch). Empty
+responses and identical ones (a tie) are reported and skipped; a ranking with tied ranks
+is refused. Prompts are truncated from the left to ``max_len``, responses never: a pair
+whose response alone does not fit is skipped (and counted).
+
+Held-out split: by record, fixed seed (``eval_fraction``, 0.2): ``split.json`` (indices into
+the records as read, in file order), ``heldout.jsonl`` and ``train.jsonl`` (canonical
+records) are written into the run folder, so DPO / PPO / eval use exactly the same prompts.
+
+Logged metrics (``metrics.jsonl``; train values averaged over ``log_every`` steps):
+
+* ``loss``, ``acc`` (train pairwise accuracy, ties half), ``margin`` (mean r_better - r_worse)
+* ``eval_acc``   held-out pairwise accuracy over every (better, worse) pair of every record
+* ``eval_margin``, ``eval_score_mean`` / ``eval_score_std`` (all held-out responses),
+  ``eval_best_mean`` / ``eval_worst_mean`` (rewards of the first / last response of a group)
+* ``eval_top1``, ``eval_tau``  rankings with K >= 3 only: share whose best response gets the
+  highest reward; mean Kendall tau-a between the reward order and the human order
+* ``eval_loss``  the training loss on the held-out groups
+
+Periodic evaluations use the first ``max_eval_records`` held-out records; the final one all
+of them. ``max_minutes`` budgets *training* time (set-up and evaluation excluded), so runs
+with different losses compare at equal compute.
+
+Levers on a 2-core CPU: bf16 autocast (``precision``), ``max_len`` (hh-rlhf dialogues are
+mostly short: 384 keeps almost all), LoRA (``lora=true``, ~10x larger lr), gradient
+checkpointing (memory only).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from chatforge.config import check_range
+from chatforge.data.records import Preference, Ranking, write_jsonl
+from chatforge.errors import ConfigError, DataError
+from chatforge.runs import Run, plot_curves
+from chatforge.train import core
+from chatforge.train.core import TrainConfig
+
+
+# ---------------------------------------------------------------- config
+@dataclass
+class RMConfig(TrainConfig):
+    """Reward-model recipe; ``model`` is the backbone to start from (an SFT run, smollm2, ...)."""
+
+    loss: Literal["pairwise", "kwise", "listwise"] = "pairwise"
+    margin: float = 0.0             # pairwise / kwise: require r_better - r_worse >= margin
+    center_coef: float = 0.0        # reward centring: + coef * mean over groups of (mean reward)^2
+    eval_fraction: float = 0.2      # held out by record (fixed seed) when eval_data is empty
+    max_eval_records: int = 200     # periodic evals use this many held-out records (0 = all); the final eval all
+    eval_batch_size: int = 16       # sequences per no-grad forward
+    max_len: int = 512
+    batch_size: int = 4             # groups per micro-batch: pairs (pairwise) or rankings (kwise/listwise)
+    grad_accum: int = 2
+    lr: float = 0.0                 # 0 = auto: 1e-5 full fine-tuning, 1e-4 LoRA
+    eval_every: int = 100
+
+    def validate(self) -> None:
+        if self.lr == 0.0:
+            self.lr = 1e-4 if self.lora else 1e-5  # resolved here so config.yaml records it
+        super().validate()
+        check_range("margin", self.margin, 0, None)
+        check_range("center_coef", self.center_coef, 0, None)
+        check_range("max_eval_records", self.max_eval_records, 0, None)
+        check_range("eval_batch_size", self.eval_batch_size, 1, None)
+        if self.loss == "listwise" and self.margin > 0:
+            raise ConfigError("margin applies to the pairwise and kwise losses, not listwise")
+
+
+# ---------------------------------------------------------------- the losses
+def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry: mean over pairs of -log sigmoid(r_c - r_r - m).
+
+    P(chosen > rejected) = sigmoid(r_c - r_r) under the BT model; the margin m (Llama 2)
+    asks for a gap of at least m before the loss flattens. logsigmoid is the stable form.
+    """
+    return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+
+
+def kwise_loss(scores: torch.Tensor, mask: torch.Tensor | None = None, margin: float = 0.0) -> torch.Tensor:
+    """InstructGPT's K-wise loss: each ranking contributes the *mean* over its K(K-1)/2
+    ordered pairs of -log sigmoid(s_i - s_j - m), i ranked above j; then mean over rankings.
+
+    ``scores`` (B, K) ordered best -> worst; ``mask`` (B, K) marks real responses (variable K,
+    padded at the end). Averaging per ranking makes every ranking weigh the same, whatever
+    its K -- the pairs of one ranking are not independent samples.
+    """
+    b, k = scores.shape
+    if mask is None:
+        mask = torch.ones_like(scores, dtype=torch.bool)
+    mask = mask.bool()
+    diff = scores[:, :, None] - scores[:, None, :]                       # [b, i, j] = s_i - s_j
+    above = torch.ones(k, k, dtype=torch.bool, device=scores.device).triu(1)  # i < j: i ranked better
+    valid = above & mask[:, :, None] & mask[:, None, :]
+    losses = -F.logsigmoid(diff - margin) * valid
+    per_ranking = losses.sum((1, 2)) / valid.sum((1, 2)).clamp(min=1)
+    return per_ranking.mean()
+
+
+def listwise_loss(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Plackett-Luce: mean over rankings of -log P(human order | scores).
+
+    P(order) = prod_i exp(s_i) / sum_{j >= i} exp(s_j): the best response is picked from all
+    K, the second from the remaining K-1, ... So -log P = sum_i (logsumexp_{j>=i} s_j - s_i).
+    For K = 2 it is exactly the pairwise loss. Masked (padding) slots get a score of -1e4,
+    i.e. probability 0, which keeps the suffix logsumexp finite (no NaN gradients).
+    """
+    if mask is None:
+        mask = torch.ones_like(scores, dtype=torch.bool)
+    mask = mask.bool()
+    s = scores.float().masked_fill(~mask, -1e4)
+    suffix_lse = torch.logcumsumexp(s.flip(-1), -1).flip(-1)              # [b, i] = logsumexp_{j>=i} s_j
+    nll = ((suffix_lse - s) * mask).sum(-1)
+    return nll.mean()
+
+
+def centering_penalty(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """mean over groups of (mean reward of the group)^2 (Eisenstein et al. 2023): pins the
+    reward's free offset near 0 so PPO sees O(1) rewards. (TRL's center_rewards_coefficient
+    penalises (r_c + r_r)^2, i.e. 4x this for pairs.)"""
+    if mask is None:
+        mask = torch.ones_like(scores, dtype=torch.bool)
+    m = mask.float()
+    mean = (scores * m).sum(-1) / m.sum(-1).clamp(min=1)
+    return (mean ** 2).mean()
+
+
+def rm_loss(scores: torch.Tensor, mask: torch.Tensor, cfg: RMConfig) -> torch.Tensor:
+    """The configured loss on a (B, K) score matrix (pairwise: K == 2)."""
+    if cfg.loss == "pairwise":
+        loss = pairwise_loss(scores[:, 0], scores[:, 1], cfg.margin)
+    elif cfg.loss == "kwise":
+        loss = kwise_loss(scores, mask, cfg.margin)
+    else:
+        loss = listwise_loss(scores, mask)
+    if cfg.center_coef > 0:
+        loss = loss + cfg.center_coef * centering_penalty(scores, mask)
+    return loss
+
+
+# ---------------------------------------------------------------- metrics
+def group_metrics(groups: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Accuracy and ranking agreement of rewards for groups ordered best -> worst.
+
+    Pairwise accuracy counts every (better, worse) pair (ties half); top-1 and Kendall's
+    tau-a ((concordant - discordant) / pairs) only over groups with K >= 3, where they say
+    more than the accuracy does.
+    """
+    correct = pairs = 0.0
+    margins: list[float] = []
+    top1: list[float] = []
+    taus: list[float] = []
+    for g in groups:
+        conc = disc = 0
+        for i in range(len(g)):
+            for j in range(i + 1, len(g)):
+                d = g[i] - g[j]
+                margins.append(d)
+                conc += d > 0
+                disc += d < 0
+                correct += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+                pairs += 1
+        if len(g) >= 3:
+            n = len(g) * (len(g) - 1) / 2
+            taus.append((conc - disc) / n)
+            top1.append(float(all(g[0] > x for x in g[1:])))
+    flat = [x for g in groups for x in g]
+    out: dict[str, float] = {}
+    if pairs:
+        out["acc"] = correct / pairs
+        out["margin"] = sum(margins) / len(margins)
+        out["pairs"] = pairs
+    if flat:
+        mean = sum(flat) / len(flat)
+        out["score_mean"] = mean
+        out["score_std"] = math.sqrt(sum((x - mean) ** 2 for x in flat) / len(flat))
+        out["best_mean"] = sum(g[0] for g in groups) / len(groups)
+        out["worst_mean"] = sum(g[-1] for g in groups) / len(groups)
+    if taus:
+        out["tau"] = sum(taus) / len(taus)
+        out["top1"] = sum(top1) / len(top1)
+        out["rankings"] = len(taus)
+    return out
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class Group:
+    """One record's responses, tokenised, best -> worst."""
+
+    ids: list[list[int]]
+    record: int          # index of the record in the read order (see split.json)
+    where: str = ""
+
+
+@dataclass
+class DataReport:
+    """Counts per reason for everything not trained on, and the first few cases."""
+
+    records: int = 0
+    groups: int = 0
+    read_errors: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    first: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if len(self.first) < 5:
+            self.first.append(f"{where}: {reason}")
+
+    def lines(self) -> list[str]:
+        out = [f"{self.records} records -> {self.groups} usable"
+               + (f", {self.read_errors} unreadable items" if self.read_errors else "")]
+        if self.skipped:
+            out.append("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())))
+        out += ["  " + s for s in self.first]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"records": self.records, "groups": self.groups, "read_errors": self.read_errors,
+                "skipped": dict(self.skipped), "first": list(self.first)}
+
+
+def where_of(meta: dict[str, Any]) -> str:
+    src = meta.get("source", "?")
+    return f"{src}:{meta['line']}" if meta.get("line") is not None else str(src)
+
+
+def ordered_responses(rec: Any, report: DataReport) -> list[str] | None:
+    """The texts of a record best -> worst, or None (reported) when it cannot be used.
+
+    Empty responses are dropped (a ranking survives with >= 2 left); identical responses are
+    a tie and a ranking with tied ranks is refused -- neither says which is better.
+    """
+    where = where_of(rec.meta)
+    if isinstance(rec, Preference):
+        texts = [rec.chosen["content"], rec.rejected["content"]]
+    elif isinstance(rec, Ranking):
+        ranks = rec.meta.get("ranking")
+        if isinstance(ranks, list) and len(set(map(str, ranks))) < len(ranks):
+            report.skip("tied ranks (refused)", where)
+            return None
+        texts = [r["content"] for r in rec.responses]
+    else:
+        report.skip(f"{rec.kind} record (a reward model needs preferences or rankings)", where)
+        return None
+    kept = [t for t in texts if t.strip()]
+    if len(kept) < len(texts):
+        report.skip("empty response", where)
+        if len(kept) < 2:
+            return None
+    if len({t.strip() for t in kept}) < len(kept):
+        report.skip("identical responses (a tie)", where)
+        return None
+    return kept
+
+
+def build_groups(records: Sequence[Any], indices: Sequence[int], tokenizer, max_len: int, template: str,
+                 report: DataReport, keep_long: bool = False) -> list[Group]:
+    """Tokenise each usable record into a :class:`Group`.
+
+    ``keep_long=False`` (training): a response longer than ``max_len`` skips the record.
+    ``keep_long=True`` (evaluation): it is scored on its last ``max_len`` tokens, as
+    ``chatforge score`` would, so the held-out set does not depend on ``max_len``.
+    """
+    from chatforge.models.heads import encode_for_reward
+
+    groups = []
+    for i in indices:
+        rec = records[i]
+        report.records += 1
+        texts = ordered_responses(rec, report)
+        if texts is None:
+            continue
+        enc = [encode_for_reward(tokenizer, rec.prompt, t, max_len, template) for t in texts]
+        if not keep_long and not all(fits for _, fits in enc):
+            report.skip(f"response longer than max_len={max_len}", where_of(rec.meta))
+            continue
+        ids = [e for e, _ in enc]
+        if len({tuple(x) for x in ids}) < len(ids):
+            report.skip(f"identical after truncation to max_len={max_len}", where_of(rec.meta))
+            continue
+        groups.append(Group(ids, i, where_of(rec.meta)))
+        report.groups += 1
+    return groups
+
+
+def expand_to_pairs(groups: Sequence[Group]) -> list[Group]:
+    """Every (better, worse) pair of every group as its own 2-group (pairwise training)."""
+    out = []
+    for g in groups:
+        for i in range(len(g.ids)):
+            for j in range(i + 1, len(g.ids)):
+                out.append(Group([g.ids[i], g.ids[j]], g.record, g.where))
+    return out
+
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) record indices: a fixed-seed permutation, its first
+    round(eval_fraction * n) entries held out. Both lists sorted (file order)."""
+    import numpy as np
+
+    n_eval = int(round(eval_fraction * n))
+    perm = np.random.default_rng(seed).permutation(n)
+    held = sorted(perm[:n_eval].tolist())
+    hs = set(held)
+    return [i for i in range(n) if i not in hs], held
+
+
+def read_records(paths: Sequence[str], fmt: str | None, report: DataReport, log=print) -> list[Any]:
+    from chatforge.data.readers import read_file
+
+    records: list[Any] = []
+    for path in paths:
+        if not Path(path).exists():
+            raise DataError(f"{path}: no such file")
+        res = read_file(path, format=fmt, on_error="skip")
+        records += res.records
+        report.read_errors += len(res.errors)
+        for e in res.errors[:3]:
+            log(f"  unreadable: {e}")
+    return records
+
+
+def load_data(cfg: RMConfig, tokenizer, run: Run | None = None, log=print
+              ) -> tuple[list[Group], list[Group], DataReport]:
+    """Read, split by record, write the split into the run folder, tokenise."""
+    if not cfg.data:
+        raise ConfigError("data: give at least one preference or ranking file")
+    report = DataReport()
+    records = read_records(cfg.data, cfg.format, report, log)
+    if cfg.eval_data:
+        train_idx, held_idx = list(range(len(records))), []
+        eval_records = read_records(cfg.eval_data, cfg.format, report, log)
+        eval_src = list(cfg.eval_data)
+    else:
+        train_idx, held_idx = split_indices(len(records), cfg.eval_fraction, cfg.seed)
+        eval_records, eval_src = records, list(cfg.data)
+    if run is not None and run.is_main:
+        heldout = [eval_records[i] for i in held_idx] if not cfg.eval_data else eval_records
+        run.write_json("split.json", {"data": list(cfg.data), "eval_data": list(cfg.eval_data),
+                                      "seed": cfg.seed, "eval_fraction": cfg.eval_fraction,
+                                      "records": len(records), "heldout": held_idx,
+                                      "note": "indices into the records of `data` as read, in file order"})
+        write_jsonl(heldout, run.path / "heldout.jsonl")
+        write_jsonl([records[i] for i in train_idx], run.path / "train.jsonl")
+    train = build_groups(records, train_idx, tokenizer, cfg.max_len, cfg.template, report)
+    eval_idx = held_idx if not cfg.eval_data else list(range(len(eval_records)))
+    held = build_groups(eval_records, eval_idx, tokenizer, cfg.max_len, cfg.template, report, keep_long=True)
+    if not train:
+        raise DataError(f"{', '.join(cfg.data)}: no usable preference or ranking records "
+                        f"({'; '.join(report.lines())})")
+    log(f"data: {len(train)} train groups, {len(held)} held-out groups (from {', '.join(eval_src)})")
+    return train, held, report
+
+
+# ---------------------------------------------------------------- batching / scoring
+def flatten(groups: Sequence[Group], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All sequences of the groups in one right-padded batch, plus where each lands in a
+    (B, Kmax) score matrix: returns (input_ids, attention_mask, slot, group_mask)."""
+    from chatforge.models.heads import pad_batch
+
+    seqs = [s for g in groups for s in g.ids]
+    ids, mask = pad_batch(seqs, pad_id)
+    kmax = max(len(g.ids) for g in groups)
+    slot = torch.tensor([gi * kmax + k for gi, g in enumerate(groups) for k in range(len(g.ids))])
+    gmask = torch.zeros(len(groups), kmax, dtype=torch.bool)
+    for gi, g in enumerate(groups):
+        gmask[gi, :len(g.ids)] = True
+    return ids, mask, slot, gmask
+
+
+def to_matrix(flat_scores: torch.Tensor, slot: torch.Tensor, gmask: torch.Tensor) -> torch.Tensor:
+    """Scatter per-sequence scores into the (B, Kmax) matrix (padding slots 0, masked)."""
+    m = torch.zeros(gmask.numel(), dtype=flat_scores.dtype, device=flat_scores.device)
+    m = m.index_put((slot.to(flat_scores.device),), flat_scores)
+    return m.view(gmask.shape)
+
+
+@torch.no_grad()
+def evaluate(rm, groups: Sequence[Group], cfg: RMConfig, pad_id: int, autocast=nullcontext) -> dict[str, float]:
+    """Score every held-out response (length-sorted batches), then :func:`group_metrics`
+    and the training loss on the held-out groups."""
+    from chatforge.models.heads import score_ids
+
+    if not groups:
+        return {}
+    seqs = [s for g in groups for s in g.ids]
+    with autocast():
+        flat = score_ids(rm, seqs, pad_id, cfg.eval_batch_size)
+    scores, k = [], 0
+    for g in groups:
+        scores.append(flat[k:k + len(g.ids)])
+        k += len(g.ids)
+    m = group_metrics(scores)
+    kmax = max(len(g) for g in scores)
+    mat = torch.tensor([s + [0.0] * (kmax - len(s)) for s in scores])
+    mask = torch.tensor([[True] * len(s) + [False] * (kmax - len(s)) for s in scores])
+    if cfg.loss == "pairwise":  # the pairwise loss over each group's pairs, as in training
+        m["loss"] = kwise_loss(mat, mask, cfg.margin).item() if kmax > 2 else pairwise_loss(mat[:, 0], mat[:, 1], cfg.margin).item()
+    else:
+        m["loss"] = rm_loss(mat, mask, cfg).item()
+    return {f"eval_{k}": v for k, v in m.items()}
+
+
+# ---------------------------------------------------------------- scorer API
+class RewardScorer:
+    """A trained reward model ready to score texts: ``scorer.score(prompts, responses)``.
+
+    Uses the chat template and ``max_len`` the model was trained with (``reward_model.json``)
+    and bf16 autocast where the hardware makes it fast.
+    """
+
+    def __init__(self, rm, tokenizer, batch_size: int = 8, max_len: int | None = None, template: str | None = None,
+                 precision: str = "auto"):
+        from chatforge.models.load import autocast_dtype
+
+        self.rm, self.tokenizer, self.batch_size = rm, tokenizer, batch_size
+        info = getattr(rm, "train_info", {}) or {}
+        self.max_len = max_len or int(info.get("max_len", 1024))
+        self.template = template or info.get("template", "auto")
+        dev = next(rm.parameters()).device
+        dt = autocast_dtype(dev) if precision == "auto" else {"bf16": torch.bfloat16, "fp32": None}[precision]
+        self.autocast = (lambda: torch.autocast(dev.type, dtype=dt)) if dt is not None else nullcontext
+
+    def score(self, prompts: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> list[float]:
+        from chatforge.models.heads import score_texts
+
+        with self.autocast():
+            return score_texts(self.rm, self.tokenizer, prompts, responses, self.batch_size, self.max_len, self.template)
+
+    __call__ = score
+
+
+def load_scorer(path_or_run: str | Path, batch_size: int = 8, max_len: int | None = None, precision: str = "auto",
+                device: str | None = None) -> RewardScorer:
+    """Load a reward model (run folder or directory) as a :class:`RewardScorer`."""
+    from chatforge.models.heads import load_reward_model
+    from chatforge.models.load import load_tokenizer
+
+    rm, tok = load_reward_model(path_or_run, device=device)
+    if tok is None:
+        tok = load_tokenizer(path_or_run)
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    return RewardScorer(rm, tok, batch_size, max_len, precision=precision)
+
+
+# ---------------------------------------------------------------- the loop
+PLOT_KEYS = ["acc", "eval_acc", "loss", "eval_loss", "eval_margin", "eval_tau"]
+
+
+def build_model(cfg: RMConfig, pad_id: int):
+    """Backbone of ``cfg.model`` (an SFT LoRA run is merged first) -> LoRA / grad-ckpt -> head."""
+    from chatforge.models.heads import RewardModel
+    from chatforge.models.load import load_model
+
+    lm = core.prepare_model(load_model(cfg.model, dtype="fp32", merge_adapter=True), cfg)
+    rm = RewardModel.from_causal_lm(lm, pad_token_id=pad_id)
+    rm.train_info = {"template": cfg.template, "max_len": cfg.max_len, "loss": cfg.loss, "base": cfg.model}
+    return rm
+
+
+def train(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train a reward model; returns the run folder's ``model/``."""
+    from tqdm.auto import tqdm
+
+    from chatforge.models.heads import reward_pad_token
+    from chatforge.models.load import check_model_exists, load_tokenizer
+
+    check_model_exists(cfg.model)
+    acc = core.setup_accelerator(cfg)
+    run = Run(cfg.out, resume=resume, overwrite=overwrite, is_main=acc.is_main_process)
+    run.write_config(cfg)
+    say = acc.print
+
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id = reward_pad_token(tokenizer)
+    train_set, eval_set, report = load_data(cfg, tokenizer, run, log=say)
+    for line in report.lines():
+        say(line)
+    samples = expand_to_pairs(train_set) if cfg.loss == "pairwise" else train_set
+    eval_sub = eval_set[:cfg.max_eval_records] if cfg.max_eval_records else eval_set
+    say(f"{len(samples)} training samples ({'pairs' if cfg.loss == 'pairwise' else 'groups'}, loss={cfg.loss})")
+
+    rm = build_model(cfg, pad_id).to(acc.device)
+    steps = core.total_steps(cfg, len(samples), acc.num_processes)
+    opt = core.build_optimizer(rm, cfg)
+    sched = core.build_scheduler(opt, cfg, steps)
+    model, opt, sched = acc.prepare(rm, opt, sched)
+    step, train_s = 0, 0.0
+    if resume:
+        state = core.resume_from(run, acc, model, opt, sched)
+        if state is not None:
+            step, train_s = state["step"], float(state.get("train_s", 0.0))
+            say(f"resumed from {state['checkpoint']} at step {step}")
+    batches = core.batch_indices(len(samples), cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes,
+                                 start_batch=step * cfg.grad_accum)
+    budget = 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+
+    def do_eval(groups: Sequence[Group]) -> dict[str, float]:
+        return evaluate(acc.unwrap_model(model), groups, cfg, pad_id, acc.autocast)
+
+    last_eval: dict[str, float] = {}
+    if step == 0 and acc.is_main_process and eval_sub:
+        last_eval = do_eval(eval_sub)
+        run.log(0, **last_eval)
+        say("step 0: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+    bar = tqdm(total=steps, initial=step, desc=f"rm ({cfg.loss})", disable=not acc.is_main_process)
+    window: list[dict[str, float]] = []
+    tokens, t_window = 0, time.time()
+    model.train()
+    while step < steps:
+        t_step = time.time()
+        stats: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = [samples[i] for i in next(batches)]
+            ids, mask, slot, gmask = flatten(batch, pad_id)
+            ctx = acc.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
+            with ctx:
+                flat = model(ids.to(acc.device), mask.to(acc.device)).float()
+                scores = to_matrix(flat, slot, gmask.to(acc.device))
+                loss = rm_loss(scores, gmask.to(acc.device), cfg)
+                acc.backward(loss / cfg.grad_accum)
+            tokens += int(mask.sum())
+            g = group_metrics([scores[i, gmask[i]].tolist() for i in range(len(batch))])
+            m = {"loss": loss.item(), "acc": g["acc"], "margin": g["margin"], "score_mean": g["score_mean"]}
+            for k, v in m.items():
+                stats[k] = stats.get(k, 0.0) + v / cfg.grad_accum
+        gnorm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        train_s += time.time() - t_step
+        bar.update(1)
+        if gnorm is not None:
+            stats["grad_norm"] = float(gnorm)
+        window.append(stats)
+        out_of_time = train_s > budget
+        if step % cfg.log_every == 0 or step == steps or out_of_time:
+            row = {k: sum(w[k] for w in window if k in w) / len(window) for k in window[0]}
+            dt = time.time() - t_window
+            row.update(lr=sched.get_last_lr()[0], tokens_per_s=core.tokens_per_second(tokens, dt),
+                       step_time_s=dt / len(window), train_min=train_s / 60)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.2f}")
+            run.log(step, **row)
+            window, tokens, t_window = [], 0, time.time()
+        final = step == steps or out_of_time
+        if step % cfg.eval_every == 0 and not final and acc.is_main_process and eval_sub:
+            last_eval = do_eval(eval_sub)
+            run.log(step, **last_eval)
+            say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+            t_window = time.time()  # evaluation time is not training time
+        if step % cfg.save_every == 0 and not final:
+            core.save_checkpoint(run, step, acc, model, tokenizer, opt, sched, extra={"train_s": train_s},
+                                 keep_last=cfg.keep_last)
+        if out_of_time:
+            say(f"max_minutes={cfg.max_minutes} of training reached at step {step}/{steps}; stopping")
+            break
+    bar.close()
+
+    t_eval = time.time()
+    if acc.is_main_process and eval_set:
+        last_eval = do_eval(eval_set)
+        run.log(step, **last_eval)
+        say(f"final (all {len(eval_set)} held-out records): "
+            + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+    summary: dict[str, Any] = {
+        "loss_fn": cfg.loss, "train_time_s": round(train_s, 1), "final_eval_time_s": round(time.time() - t_eval, 1),
+        "planned_steps": steps, "epochs_done": round(step * cfg.batch_size * cfg.grad_accum * acc.num_processes
+                                                    / max(1, len(samples)), 3),
+        "train_groups": len(train_set), "train_samples": len(samples), "eval_groups": len(eval_set),
+        "data": report.to_dict(), **last_eval}
+    if acc.is_main_process:
+        plot_curves(run.read_metrics(), PLOT_KEYS, run.path / "accuracy.png", title=f"reward model ({cfg.loss})")
+    core.save_checkpoint(run, step, acc, model, tokenizer, extra={"train_s": train_s}, keep_last=cfg.keep_last)
+    return core.finish(run, acc, model, tokenizer, step, **summary)
