@@ -103,7 +103,7 @@ def test_rankings_expand_and_bad_pairs_are_reported():
 
 # ---------------------------------------------------------------- log-probs and the reference
 def _tiny_pairs(n: int = 6, seed: int = 0):
-    from chatforge.train.dpo import IGNORE, PairExample
+    from chatforge.train.dpo import PairExample
 
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -111,12 +111,13 @@ def _tiny_pairs(n: int = 6, seed: int = 0):
         p = torch.randint(3, 500, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
         c = torch.randint(3, 500, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
         r = torch.randint(3, 500, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
-        out.append(PairExample(p + c, [IGNORE] * len(p) + c, p + r, [IGNORE] * len(p) + r, [msg("user", str(i))]))
+        out.append(PairExample(p, c, c, r, r, [msg("user", str(i))]))
     return out
 
 
-def _plain_logps(model, ids: list[int], labels: list[int]) -> float:
-    """The textbook computation: full logits, log_softmax, gather the labelled next tokens."""
+def _plain_logps(model, prompt: list[int], response: list[int]) -> float:
+    """The textbook computation: one sequence, full logits, log_softmax, gather the next tokens."""
+    ids, labels = prompt + response, [-100] * len(prompt) + response
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
     lp = torch.log_softmax(logits, -1)
@@ -145,7 +146,7 @@ def test_cached_reference_equals_fresh_forward_of_frozen_model(tmp_path):
     cfg = DPOConfig(model="tiny", ref_batch_size=4)  # 6 pairs -> an uneven last batch, mixed lengths
     cache = tmp_path / "ref_logps.pt"
     ref = reference_logps(model, cfg, {"train": pairs}, pad_id=0, accelerator=_Acc(), cache=cache)["train"]
-    fresh = [[_plain_logps(model, p.chosen_ids, p.chosen_labels), _plain_logps(model, p.rejected_ids, p.rejected_labels)]
+    fresh = [[_plain_logps(model, p.prompt_ids, p.chosen_ids), _plain_logps(model, p.prompt_ids, p.rejected_ids)]
              for p in pairs]
     assert torch.allclose(ref, torch.tensor(fresh), atol=1e-4)
     # the cache is reused for the same data, and ignored for different data
@@ -154,12 +155,12 @@ def test_cached_reference_equals_fresh_forward_of_frozen_model(tmp_path):
     assert torch.equal(reference_logps(model, cfg, {"train": pairs}, 0, _Acc(), cache)["train"], ref + 1)
     other = _tiny_pairs(seed=1)
     assert not torch.equal(reference_logps(model, cfg, {"train": other}, 0, _Acc(), cache)["train"][:1], ref[:1] + 1)
-    # the training forward (chosen and rejected in one padded batch) agrees with the cache
-    from chatforge.train.dpo import collate_pairs
-    logps, ntok = SequenceLogps(model)(**collate_pairs(pairs, 0))
-    assert torch.allclose(logps, torch.cat([ref[:, 0], ref[:, 1]]), atol=1e-4)
-    assert ntok.tolist() == [sum(l != -100 for l in p.chosen_labels[1:]) for p in pairs] + \
-        [sum(l != -100 for l in p.rejected_labels[1:]) for p in pairs]
+    # the training forward (chosen and rejected in one batch, shared prompt or not) agrees with the cache
+    from chatforge.train.dpo import pair_batch
+    for share in (True, False):
+        logps, ntok = SequenceLogps(model)(**pair_batch(pairs, 0, share_prompt=share))
+        assert torch.allclose(logps, torch.cat([ref[:, 0], ref[:, 1]]), atol=1e-4)
+        assert ntok.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
 
 
 def test_lora_adapter_off_gives_base_model_logps():
@@ -168,8 +169,8 @@ def test_lora_adapter_off_gives_base_model_logps():
     from chatforge.train.dpo import reference_logps, score_pairs, SequenceLogps
 
     pairs = _tiny_pairs()
-    base = [[_plain_logps(tiny_model(), p.chosen_ids, p.chosen_labels),
-             _plain_logps(tiny_model(), p.rejected_ids, p.rejected_labels)] for p in pairs]
+    base = [[_plain_logps(tiny_model(), p.prompt_ids, p.chosen_ids),
+             _plain_logps(tiny_model(), p.prompt_ids, p.rejected_ids)] for p in pairs]
     model = apply_lora(tiny_model(), LoraSettings(r=4, dropout=0.0))
     with torch.no_grad():  # a trained adapter: B != 0, so adapter-on differs from the base
         for n, p in model.named_parameters():
@@ -180,3 +181,196 @@ def test_lora_adapter_off_gives_base_model_logps():
     off = reference_logps(model, DPOConfig(model="tiny", lora=True), {"train": pairs}, 0, _Acc(), None)["train"]
     assert torch.allclose(off, torch.tensor(base), atol=1e-4)
     assert torch.allclose(score_pairs(SequenceLogps(model), pairs, 4, 0), on)  # adapter back on afterwards
+
+
+# ---------------------------------------------------------------- end to end on the tiny model
+GOOD = ["Yes.", "Thank you!", "Sure, here is an answer.", "It is blue.", "Plants use sunlight."]
+BAD = ["No.", "Sorry, I cannot help with that.", "The sky is green.", "I like milk.", "bad terrible slow"]
+TOPICS = ["apple", "banana", "cherry", "orange", "grape", "lemon", "water", "coffee", "tea", "milk", "bread",
+          "rice", "fish", "chicken", "soup", "salad", "Monday", "Friday", "morning", "night", "the sea", "cats"]
+
+
+def separable_prefs(path, n: int, seed: int) -> None:
+    """Preference pairs whose chosen side always comes from GOOD and rejected from BAD:
+    a preference a tiny model can learn and carry over to unseen prompts."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            q = f"{rng.choice(['Tell me about', 'What is', 'Write a poem about', 'Say the word'])} {rng.choice(TOPICS)} " \
+                f"{rng.randint(0, 1000)}?"
+            f.write(json.dumps({"kind": "preference", "prompt": [msg("user", q)],
+                                "chosen": msg("assistant", rng.choice(GOOD)),
+                                "rejected": msg("assistant", rng.choice(BAD))}) + "\n")
+
+
+def tiny_cfg(tmp_path, **kw) -> DPOConfig:
+    base = dict(model="tiny", data=[str(tmp_path / "train.jsonl")], eval_data=[str(tmp_path / "eval.jsonl")],
+                out=str(tmp_path / "run"), precision="fp32", max_len=64, batch_size=8, grad_accum=1, lr=2e-3,
+                warmup_steps=0, max_steps=30, log_every=5, eval_every=15, save_every=15, kl_prompts=3,
+                kl_max_new_tokens=8, ref_batch_size=16)
+    base.update(kw)
+    return load_config(DPOConfig, overrides=base)
+
+
+@pytest.fixture
+def prefs(tmp_path):
+    separable_prefs(tmp_path / "train.jsonl", 160, seed=0)
+    separable_prefs(tmp_path / "eval.jsonl", 40, seed=1)
+    return tmp_path
+
+
+def test_tiny_model_learns_a_separable_preference(prefs):
+    from chatforge.runs import read_metrics
+    from chatforge.train.dpo import train
+
+    out = train(tiny_cfg(prefs))
+    rows = read_metrics(prefs / "run" / "metrics.jsonl")
+    start = rows[0]
+    assert start["step"] == 0
+    # policy == reference at step 0: log 2, chance accuracy, zero KL
+    assert start["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert start["eval_acc"] == 0.5
+    assert abs(start["kl"]) < 1e-4
+    summary = json.loads((prefs / "run" / "summary.json").read_text())
+    assert summary["eval_acc"] > 0.9, summary              # held-out prompts, unseen during training
+    assert summary["eval_margin"] > 0 and summary["eval_loss"] < 0.5
+    assert summary["kl"] > start["kl"]
+    assert summary["steps"] == 30 and summary["train_pairs"] == 160 and summary["eval_pairs"] == 40
+    assert (out / "model.safetensors").exists() and (prefs / "run" / "dpo.png").exists()
+    assert (prefs / "run" / "DONE").exists() and (prefs / "run" / "ref_logps.pt").exists()
+
+
+def test_lora_ipo_learns_and_keeps_reference_as_adapter_off(prefs):
+    from chatforge.train.dpo import train
+
+    cfg = tiny_cfg(prefs, lora=True, loss="ipo", beta=0.5, lr=1e-2, max_steps=20, eval_every=20)
+    out = train(cfg)
+    summary = json.loads((prefs / "run" / "summary.json").read_text())
+    assert summary["eval_acc"] > 0.8, summary
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_resume_is_exact(prefs):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from chatforge.runs import read_metrics
+    from chatforge.train.dpo import train
+
+    cfg = tiny_cfg(prefs, max_steps=6, save_every=3, eval_every=3, log_every=1, kl_prompts=0)
+    train(cfg)
+    straight = read_metrics(prefs / "run" / "metrics.jsonl")
+    w_straight = load_file(str(prefs / "run" / "model" / "model.safetensors"))
+    # simulate a kill right after the step-3 checkpoint
+    run = prefs / "run"
+    shutil.rmtree(run / "checkpoints" / "step-0000006")
+    shutil.rmtree(run / "model")
+    (run / "DONE").unlink()
+    (run / "checkpoints" / "latest").write_text("step-0000003\n")
+    with pytest.raises(ConfigError):  # never silently restarted over a run
+        train(cfg)
+    train(cfg, resume=True)
+    resumed = read_metrics(run / "metrics.jsonl")
+    w_resumed = load_file(str(run / "model" / "model.safetensors"))
+    keys = ["loss", "acc", "margin", "chosen_logp", "eval_loss"]
+    strip = lambda rows: [{k: r[k] for k in ["step"] + keys if k in r} for r in rows]  # noqa: E731
+    assert strip(resumed) == strip(straight)
+    assert all(torch.equal(w_straight[k], w_resumed[k]) for k in w_straight)
+
+
+def test_bad_records_are_reported_and_skipped(prefs, capsys):
+    from chatforge.errors import DataError
+    from chatforge.train.dpo import train
+
+    lines = (prefs / "train.jsonl").read_text().splitlines()[:40]
+    same = {"kind": "preference", "prompt": [msg("user", "hi")], "chosen": msg("assistant", "Yes."),
+            "rejected": msg("assistant", "Yes.")}
+    empty = dict(same, rejected=msg("assistant", ""))
+    rank = {"kind": "ranking", "prompt": [msg("user", "hi")],
+            "responses": [msg("assistant", x) for x in ("Yes.", "No.", "Sorry, I cannot help with that.")]}
+    lines += [json.dumps(same), json.dumps(empty), "{not json", json.dumps(rank)]
+    (prefs / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    train(tiny_cfg(prefs, data=[str(prefs / "mixed.jsonl")], max_steps=2, kl_prompts=0))
+    summary = json.loads((prefs / "run" / "summary.json").read_text())
+    assert summary["data"]["skipped"] == {"identical chosen and rejected": 1, "empty response": 1}
+    assert summary["data"]["read_errors"] == 1
+    assert summary["train_pairs"] == 40 + 3  # the ranking's three pairs
+    out = capsys.readouterr().out
+    assert "identical chosen and rejected" in out and "mixed.jsonl:42" in out
+    (prefs / "useless.jsonl").write_text(json.dumps(same) + "\n" + json.dumps(empty) + "\n")
+    with pytest.raises(DataError, match="no usable preference pairs"):
+        train(tiny_cfg(prefs, data=[str(prefs / "useless.jsonl")], out=str(prefs / "run2")))
+
+
+def test_truncation_keeps_prompt_end_and_shared_prefix():
+    from chatforge.models.tiny import tiny_tokenizer
+    from chatforge.train.dpo import IGNORE, encode_pair
+
+    tok = tiny_tokenizer()
+    long_prompt = [msg("user", "The quick brown fox jumps over the lazy dog. " * 20 + "What colour is the sky?")]
+    pair = Preference(long_prompt, msg("assistant", "It is blue. " * 30), msg("assistant", "No."))
+    ex = encode_pair(tok, pair, max_len=64)
+    n_prompt = ex.chosen_labels.index(next(l for l in ex.chosen_labels if l != IGNORE))
+    assert len(ex.chosen_ids) <= 64 and len(ex.rejected_ids) <= 64
+    assert ex.chosen_ids[:n_prompt] == ex.rejected_ids[:n_prompt]           # one prompt for both sides
+    assert n_prompt >= 1 and "sky" in tok.decode(ex.chosen_ids[:n_prompt])   # its end survives
+    assert sum(l != IGNORE for l in ex.chosen_labels) >= 32                 # the response keeps max_len // 2
+    same_head = Preference(long_prompt, msg("assistant", "It is blue. " * 30 + "Yes."),
+                           msg("assistant", "It is blue. " * 30 + "No."))
+    assert "identical after truncation" in encode_pair(tok, same_head, max_len=64)
+
+
+def test_cli(prefs):
+    from chatforge.cli import main
+
+    args = ["dpo", "--policy", "tiny", "--data", str(prefs / "train.jsonl"), "max_steps=2", "precision=fp32",
+            "--out", str(prefs / "cli"), "--beta", "0.2", "kl_prompts=0", "max_len=64"]
+    assert main(args) == 0
+    cfg = (prefs / "cli" / "config.yaml").read_text()
+    assert "beta: 0.2" in cfg and "max_steps: 2" in cfg and "model: tiny" in cfg
+    assert main(args) == 2                                     # the run exists: --resume or --overwrite
+    again = ["dpo", "--resume", "--policy", "tiny", "--data", str(prefs / "train.jsonl"), "--out", str(prefs / "cli"),
+             "max_steps=3"]
+    assert main(again) == 0                                    # continues with its saved config
+    assert json.loads((prefs / "cli" / "summary.json").read_text())["steps"] == 3
+    assert main(["dpo", "--policy", "tiny", "--data", str(prefs / "train.jsonl"), "betta=1"]) == 2
+
+
+def test_segment_mask_and_gather_indices():
+    from chatforge.train.dpo import IGNORE, build_batch
+
+    b = build_batch([([5, 6], [([7, 8], [7, IGNORE], 0), ([9], [9], 1)]), ([4], [([3], [3], 2)])], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 0, 0, 0]]
+    m = b["attention_mask"][0, 0].int().tolist()
+    assert m == [[1, 0, 0, 0, 0],   # prompt: causal
+                 [1, 1, 0, 0, 0],
+                 [1, 1, 1, 0, 0],   # segment 1 sees the prompt and itself
+                 [1, 1, 1, 1, 0],
+                 [1, 1, 0, 0, 1]]   # segment 2 sees the prompt, not segment 1
+    assert b["attention_mask"][1, 0].int().tolist()[3] == [0, 0, 0, 1, 0]  # padding: only itself
+    # token 7 is predicted at the prompt's last position, 9 too (its own segment starts there); 8 is not scored
+    assert list(zip(b["src_row"].tolist(), b["src_pos"].tolist(), b["target"].tolist(), b["seq"].tolist())) == [
+        (0, 1, 7, 0), (0, 1, 9, 1), (1, 0, 3, 2)]
+
+
+def test_shared_prompt_gradients_match_separate_sequences():
+    from chatforge.models.tiny import tiny_model
+    from chatforge.train.dpo import SequenceLogps, pair_batch
+
+    pairs = _tiny_pairs(4, seed=3)
+    grads = []
+    for share in (True, False):
+        model = tiny_model()
+        logps, _ = SequenceLogps(model)(**pair_batch(pairs, 0, share_prompt=share))
+        dpo_loss(logps[:4], logps[4:], logps[:4].detach() - 1, logps[4:].detach(), 0.1)[0].mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    eager = tiny_model()
+    eager.set_attn_implementation("eager")  # the boolean segment mask becomes an additive one
+    logps, _ = SequenceLogps(eager)(**pair_batch(pairs, 0, share_prompt=True))
+    sdpa, _ = SequenceLogps(tiny_model())(**pair_batch(pairs, 0, share_prompt=False))
+    assert torch.allclose(logps, sdpa, atol=1e-4)

@@ -82,6 +82,7 @@ class DPOConfig(TrainConfig):
     """DPO recipe. ``model`` is the policy to start from (and the reference): usually an SFT
     run folder; the CLI calls it ``--policy``."""
 
+    policy: str = ""                   # alias of `model` (wins when set)
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     beta: float = 0.1                  # KL strength: sigmoid temperature / IPO target margin 1/(2 beta)
     label_smoothing: float = 0.0       # conservative DPO: assumed share of flipped labels (sigmoid only)
@@ -95,8 +96,12 @@ class DPOConfig(TrainConfig):
     judge: str = ""                    # reward model (run folder) for the final win rate vs the start policy
     judge_prompts: int = 64
     judge_max_new_tokens: int = 96
+    share_prompt: bool = True          # chosen + rejected in one row after ONE copy of the prompt (see build_batch)
 
     def validate(self) -> None:
+        if self.policy:
+            self.model = self.policy
+        self.policy = self.model
         if self.lr == 0.0:
             self.lr = 5e-5 if self.lora else 5e-6  # resolved here so config.yaml records it
         super().validate()
@@ -154,14 +159,23 @@ def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
 # ---------------------------------------------------------------- data
 @dataclass
 class PairExample:
-    """One tokenised pair; both sequences share the (identically truncated) prompt."""
+    """One tokenised pair: the (identically truncated) prompt once, and the two responses.
 
+    ``*_ids`` are the response tokens (text + end-of-turn); ``*_labels`` the same ids, or
+    IGNORE for a token that is not scored.
+    """
+
+    prompt_ids: list[int]
     chosen_ids: list[int]
     chosen_labels: list[int]
     rejected_ids: list[int]
     rejected_labels: list[int]
-    prompt: list[dict[str, str]]
+    prompt: list[dict[str, str]] = field(default_factory=list)
     where: str = ""
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
 @dataclass
@@ -223,16 +237,22 @@ def expand_pairs(records: list, report: DataReport) -> list[Preference]:
 
 
 def _split_at_labels(ids: list[int], labels: list[int]) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, response ids, response labels): the prompt is everything before the first label."""
-    first = next((i for i, l in enumerate(labels) if l != IGNORE), len(ids))
-    return ids[:first], ids[first:], labels[first:]
+    """(prompt ids, response ids, response labels): the prompt is everything before the first
+    label, the response ends at the last label (a template's trailing newline after the
+    end-of-turn is dropped: nothing after the last scored token can change its probability)."""
+    scored = [i for i, l in enumerate(labels) if l != IGNORE]
+    if not scored:
+        return ids, [], []
+    first, last = scored[0], scored[-1] + 1
+    return ids[:first], ids[first:last], labels[first:last]
 
 
 def encode_pair(tokenizer, pair: Preference, max_len: int, template: str = "auto") -> PairExample | str:
     """Tokenise both sides; returns the example, or the reason it must be skipped.
 
     Over-long pairs: each response keeps at least ``max_len // 2`` tokens (its head), the
-    prompt keeps its *end* (the last turn matters most), identically for both sides.
+    prompt keeps its *end* (the last turn matters most), identically for both sides; each
+    of prompt + chosen and prompt + rejected is then at most ``max_len`` tokens.
     """
     from chatforge.data.tokenize import encode_prompt_response
 
@@ -240,7 +260,9 @@ def encode_pair(tokenizer, pair: Preference, max_len: int, template: str = "auto
     er = encode_prompt_response(tokenizer, pair.prompt, pair.rejected["content"], template)
     p, c, cl = _split_at_labels(list(ec.input_ids), list(ec.labels))
     p2, r, rl = _split_at_labels(list(er.input_ids), list(er.labels))
-    if p != p2:  # templates are prefix-stable; if not, fall back to the shorter shared prefix
+    if not c or not r:
+        return "empty response after tokenisation"
+    if p != p2:  # templates are prefix-stable; if one is not, share the common prefix only
         n = next((i for i, (a, b) in enumerate(zip(p, p2)) if a != b), min(len(p), len(p2)))
         if n == 0:
             return "chosen and rejected do not share a prompt after tokenisation"
@@ -249,13 +271,13 @@ def encode_pair(tokenizer, pair: Preference, max_len: int, template: str = "auto
         p = p[:n]
     budget = max(max_len - len(p), max_len // 2)
     c, cl, r, rl = c[:budget], cl[:budget], r[:budget], rl[:budget]
-    keep = max_len - max(len(c), len(r))
+    keep = max(1, max_len - max(len(c), len(r)))
     p = p[len(p) - keep:] if keep < len(p) else p
-    if not any(l != IGNORE for l in cl) or not any(l != IGNORE for l in rl):
+    if all(l == IGNORE for l in cl) or all(l == IGNORE for l in rl):
         return "empty response after tokenisation"
     if c == r:
         return f"identical after truncation to max_len={max_len}"
-    return PairExample(p + c, [IGNORE] * len(p) + cl, p + r, [IGNORE] * len(p) + rl, pair.prompt, where_of(pair.meta))
+    return PairExample(p, c, cl, r, rl, pair.prompt, where_of(pair.meta))
 
 
 def read_records(paths: list[str], fmt: str | None) -> tuple[list, list]:
@@ -332,7 +354,7 @@ def fingerprint(*sets: list[PairExample]) -> str:
     h = hashlib.sha256()
     for s in sets:
         for ex in s:
-            for seq in (ex.chosen_ids, ex.chosen_labels, ex.rejected_ids, ex.rejected_labels):
+            for seq in (ex.prompt_ids, ex.chosen_ids, ex.chosen_labels, ex.rejected_ids, ex.rejected_labels):
                 h.update(torch.tensor(seq, dtype=torch.int32).numpy().tobytes())
                 h.update(b"|")
         h.update(b"#")
@@ -340,17 +362,80 @@ def fingerprint(*sets: list[PairExample]) -> str:
 
 
 # ---------------------------------------------------------------- sequence log-probs
-def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-    n = max(len(s) for s in seqs)
-    return torch.tensor([s + [value] * (n - len(s)) for s in seqs], dtype=torch.long)
+# A "row" of a batch is a prompt followed by one or more response segments; every segment
+# sees the prompt and itself, never another segment, and its positions continue from the end of
+# the prompt. So [prompt | chosen | rejected] in ONE row computes the shared prompt once --
+# the same numbers as two separate sequences [prompt | chosen] and [prompt | rejected], for
+# ~40% fewer tokens on hh-rlhf (prompts are ~3x longer than responses).
+Segment = tuple[list[int], list[int], int]  # (ids, labels, index of the sequence it scores)
+Row = tuple[list[int], list[Segment]]
 
 
-def collate_pairs(batch: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows first, then rejected rows: one padded batch of 2B sequences."""
-    ids = [ex.chosen_ids for ex in batch] + [ex.rejected_ids for ex in batch]
-    labels = [ex.chosen_labels for ex in batch] + [ex.rejected_labels for ex in batch]
-    return {"input_ids": pad(ids, pad_id), "labels": pad(labels, IGNORE),
-            "attention_mask": pad([[1] * len(s) for s in ids], 0)}
+def pair_rows(batch: list[PairExample], share_prompt: bool = True) -> list[Row]:
+    """Rows for a batch of pairs; sequence i is chosen of pair i, B + i rejected of pair i."""
+    n = len(batch)
+    if share_prompt:
+        return [(ex.prompt_ids, [(ex.chosen_ids, ex.chosen_labels, i), (ex.rejected_ids, ex.rejected_labels, n + i)])
+                for i, ex in enumerate(batch)]
+    return [(ex.prompt_ids, [(ex.chosen_ids, ex.chosen_labels, i)]) for i, ex in enumerate(batch)] + \
+        [(ex.prompt_ids, [(ex.rejected_ids, ex.rejected_labels, n + i)]) for i, ex in enumerate(batch)]
+
+
+def build_batch(rows: list[Row], pad_id: int, mask: str = "4d") -> dict[str, torch.Tensor]:
+    """Tensors for :class:`SequenceLogps`: right-padded ``input_ids`` and ``position_ids``,
+    the attention mask, and for every scored token where its prediction is read
+    (``src_row``, ``src_pos``), what it must predict (``target``) and whose sum it joins (``seq``).
+
+    ``mask="4d"``: a boolean [N, 1, T, T] mask (True = may attend) encoding the segment
+    structure; ``"2d"``: a plain padding mask, valid only for one segment per row.
+    """
+    T = max(len(p) + sum(len(s[0]) for s in segs) for p, segs in rows)
+    N = len(rows)
+    ids = torch.full((N, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((N, T), dtype=torch.long)
+    seg = torch.full((N, T), -1, dtype=torch.long)  # -1 pad, 0 prompt, k >= 1 segment k
+    src_row, src_pos, target, seq = [], [], [], []
+    n_seq = 0
+    for i, (prompt, segs) in enumerate(rows):
+        if not prompt:
+            raise ValueError("every row needs at least one prompt token (it predicts the first response token)")
+        P = len(prompt)
+        ids[i, :P] = torch.tensor(prompt)
+        pos[i, :P] = torch.arange(P)
+        seg[i, :P] = 0
+        start = P
+        for k, (s_ids, s_labels, s_index) in enumerate(segs, 1):
+            L = len(s_ids)
+            ids[i, start:start + L] = torch.tensor(s_ids, dtype=torch.long)
+            pos[i, start:start + L] = torch.arange(P, P + L)
+            seg[i, start:start + L] = k
+            for j, lab in enumerate(s_labels):
+                if lab != IGNORE:
+                    src_row.append(i)
+                    src_pos.append(P - 1 if j == 0 else start + j - 1)
+                    target.append(lab)
+                    seq.append(s_index)
+            n_seq = max(n_seq, s_index + 1)
+            start += L
+    out = {"input_ids": ids, "position_ids": pos, "src_row": torch.tensor(src_row, dtype=torch.long),
+           "src_pos": torch.tensor(src_pos, dtype=torch.long), "target": torch.tensor(target, dtype=torch.long),
+           "seq": torch.tensor(seq, dtype=torch.long), "n_seq": torch.tensor(n_seq)}
+    real = seg >= 0
+    if mask == "2d":
+        if any(len(segs) > 1 for _, segs in rows):
+            raise ValueError("a 2d mask cannot separate several segments in one row")
+        out["attention_mask"] = real.long()
+        return out
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = causal & real[:, :, None] & real[:, None, :] & ((k == 0) | (k == q))
+    allowed |= torch.eye(T, dtype=torch.bool)  # padding attends to itself: no all-masked (NaN) rows
+    out["attention_mask"] = allowed[:, None]
+    return out
+
+
+def pair_batch(batch: list[PairExample], pad_id: int, share_prompt: bool = True) -> dict[str, torch.Tensor]:
+    return build_batch(pair_rows(batch, share_prompt), pad_id, "4d" if share_prompt else "2d")
 
 
 def backbone_and_head(model) -> tuple[nn.Module, nn.Module] | None:
@@ -371,10 +456,10 @@ def backbone_and_head(model) -> tuple[nn.Module, nn.Module] | None:
 
 
 class SequenceLogps(nn.Module):
-    """``forward(input_ids, attention_mask, labels) -> (logps[B], tokens[B])``: summed
-    log-probabilities of the labelled tokens of each row.
+    """``forward(**build_batch(...)) -> (logps[n_seq], tokens[n_seq])``: summed
+    log-probabilities of the scored tokens of each sequence.
 
-    The LM head runs only on the hidden states that predict a labelled token, so the
+    The LM head runs only on the hidden states that predict a scored token, so the
     vocabulary projection (49k x 576 on SmolLM2) of prompt and padding positions is never
     computed. A module (not a function) so accelerate/DDP wrap the whole computation.
     """
@@ -384,37 +469,49 @@ class SequenceLogps(nn.Module):
         self.model = model
         self.parts = backbone_and_head(model)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-        target = labels[:, 1:]
-        mask = target != IGNORE
-        rows = mask.nonzero()[:, 0]
+    def forward(self, input_ids, position_ids, attention_mask, src_row, src_pos, target, seq, n_seq):
+        mask = attention_mask
+        if mask.dim() == 4 and getattr(self.model.config, "_attn_implementation", "sdpa") == "eager":
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+                ~mask, torch.finfo(torch.float32).min)  # eager attention adds the mask to the scores
+        kw = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
         if self.parts is not None:
             body, head = self.parts
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-            logits = head(hidden[:, :-1][mask])
+            logits = head(body(**kw).last_hidden_state[src_row, src_pos])
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][mask]
-        tok_logp = -F.cross_entropy(logits.float(), target[mask], reduction="none")
-        logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-        logps = logps.index_add(0, rows, tok_logp)
-        return logps, mask.sum(1)
+            logits = self.model(**kw).logits[src_row, src_pos]
+        tok_logp = -F.cross_entropy(logits.float(), target, reduction="none")
+        n = int(n_seq)
+        logps = torch.zeros(n, dtype=torch.float32, device=input_ids.device).index_add(0, seq, tok_logp)
+        tokens = torch.zeros(n, dtype=torch.long, device=input_ids.device).index_add(0, seq, torch.ones_like(seq))
+        return logps, tokens
+
+
+def share_prompt_ok(model) -> bool:
+    """The segment mask needs an attention that takes a custom 4-D mask (sdpa, eager)."""
+    from chatforge.models.lora import is_peft
+
+    base = model.get_base_model() if is_peft(model) else model
+    return getattr(base.config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
 @torch.no_grad()
 def score_pairs(scorer: SequenceLogps, pairs: list[PairExample], batch_size: int, pad_id: int,
-                autocast=nullcontext, desc: str | None = None) -> torch.Tensor:
+                autocast=nullcontext, desc: str | None = None, share_prompt: bool | None = None) -> torch.Tensor:
     """``[N, 2]`` (chosen, rejected) sequence log-probs, no grad, eval mode, batches of
     similar length (sorted) so little padding is computed. Order of ``pairs`` is kept."""
     from tqdm.auto import tqdm
 
+    if share_prompt is None:
+        share_prompt = share_prompt_ok(scorer.model)
     was_training = scorer.training
     scorer.eval()
     out = torch.zeros(len(pairs), 2)
-    order = sorted(range(len(pairs)), key=lambda i: max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)))
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
     device = next(scorer.parameters()).device
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-        b = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in idx], pad_id).items()}
+        b = {k: v.to(device) for k, v in pair_batch([pairs[i] for i in idx], pad_id, share_prompt).items()}
         with autocast():
             logps, _ = scorer(**b)
         logps = logps.float().cpu()
@@ -471,6 +568,7 @@ def reference_logps(model, cfg: DPOConfig, sets: dict[str, list[PairExample]], p
         for name, pairs in sets.items():
             shard = list(range(rank, len(pairs), world))
             part = score_pairs(scorer, [pairs[i] for i in shard], cfg.ref_batch_size, pad_id, accelerator.autocast,
+                               share_prompt=None if cfg.share_prompt else False,
                                desc=f"reference log-probs ({name})" if accelerator.is_main_process else None)
             if world > 1:
                 from accelerate.utils import gather_object
@@ -516,8 +614,15 @@ def sample(model, tokenizer, prompts: list[list[dict[str, str]]], cfg: DPOConfig
 def response_logps(model, samples: list[tuple[list[int], list[int], str]], cfg: DPOConfig, pad_id: int,
                    autocast=nullcontext) -> torch.Tensor:
     """Sequence log-prob of each sampled response under ``model`` (teacher forced)."""
-    pairs = [PairExample(p + r, [IGNORE] * len(p) + r, p + r, [IGNORE] * len(p) + r, []) for p, r, _ in samples]
-    return score_pairs(SequenceLogps(model), pairs, cfg.ref_batch_size, pad_id, autocast)[:, 0]
+    scorer = SequenceLogps(model).eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(samples), cfg.ref_batch_size):
+        rows = [(p, [(r, r, j)]) for j, (p, r, _) in enumerate(samples[i:i + cfg.ref_batch_size])]
+        b = {k: v.to(device) for k, v in build_batch(rows, pad_id, "2d").items()}
+        with torch.no_grad(), autocast():
+            out.append(scorer(**b)[0].float().cpu())
+    return torch.cat(out)
 
 
 def kl_to_reference(model, tokenizer, prompts, cfg: DPOConfig, pad_id: int, autocast=nullcontext) -> dict[str, float]:
@@ -591,6 +696,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
     # optimizer, schedule, resume
     steps = core.total_steps(cfg, len(train_set), acc.num_processes)
     scorer = SequenceLogps(model)
+    share = cfg.share_prompt and share_prompt_ok(model)
     opt = core.build_optimizer(model, cfg)
     sched = core.build_scheduler(opt, cfg, steps)
     scorer, opt, sched = acc.prepare(scorer, opt, sched)
@@ -610,7 +716,8 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
     def _evaluate() -> dict[str, float]:
         m = {}
         if eval_set:
-            pol = score_pairs(acc.unwrap_model(scorer), eval_set, cfg.ref_batch_size, pad_id, acc.autocast)
+            pol = score_pairs(acc.unwrap_model(scorer), eval_set, cfg.ref_batch_size, pad_id, acc.autocast,
+                              share_prompt=share)
             m.update({f"eval_{k}": v for k, v in pair_metrics(pol, ref["eval"], cfg).items()})
         if cfg.kl_prompts and prompts:
             m.update(kl_to_reference(model, tokenizer, prompts[:cfg.kl_prompts], cfg, pad_id, acc.autocast))
@@ -630,7 +737,8 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
         stats: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             idx = next(batches)
-            b = {k: v.to(acc.device) for k, v in collate_pairs([train_set[i] for i in idx], pad_id).items()}
+            batch = [train_set[i] for i in idx]
+            b = {k: v.to(acc.device) for k, v in pair_batch(batch, pad_id, share).items()}
             ctx = acc.no_sync(scorer) if micro < cfg.grad_accum - 1 else nullcontext()
             with ctx:
                 logps, ntok = scorer(**b)
@@ -639,7 +747,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
                 losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref_b[:, 0], ref_b[:, 1], cfg.beta, cfg.loss,
                                           cfg.label_smoothing)
                 acc.backward(losses.mean() / cfg.grad_accum)
-            tokens += int(b["attention_mask"].sum())
+            tokens += sum(len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids) for ex in batch)
             m = {"loss": losses.mean().item(), "acc": reward_accuracy(rc, rr).mean().item(),
                  "margin": (rc - rr).mean().item(), "chosen_reward": rc.mean().item(),
                  "rejected_reward": rr.mean().item(), "chosen_logp": logps[:n].mean().item(),
