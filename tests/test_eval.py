@@ -211,3 +211,168 @@ def test_parse_verdict():
     assert parse_verdict("TIE") == "tie"
     assert parse_verdict("I cannot decide") is None
     assert parse_verdict("") is None
+
+
+# ---------------------------------------------------------------- best checkpoint + warnings (no models)
+def _fake_gen(texts, nll_per_conv):
+    return {"nll": [(x * 10, 10) for x in nll_per_conv], "vocab": 10,
+            "responses": [{"prompt_ids": [1], "token_ids": [2] * 5, "text": t, "finish_reason": "eos", "logp": -1.0}
+                          for t in texts]}
+
+
+def test_assemble_flags_best_and_warns_on_oscillation():
+    from chatforge.eval.evaluate import EvalSettings, Target, assemble
+
+    n = 20
+    base = Target("sft", "final", "/x/sft/model", 100, True, run_dir="/x/sft")
+    ts = [base] + [Target("ppo", f"step-{i:07d}", f"/x/ppo/checkpoints/step-{i:07d}", i, i == 40, "/x/sft/model")
+                   for i in (10, 20, 30, 40)]
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(n)]
+    good = [f"a fine and different answer number {i}." for i in range(n)]
+    loopy = ["I like blue. " * 6] * n
+    gen = {base.label: _fake_gen([f"base answer {i}" for i in range(n)], [2.0] * 5)}
+    for t, texts in zip(ts[1:], (good, good, loopy, good)):
+        gen[t.label] = _fake_gen(texts, [1.9] * 5)
+    # RM: the baseline scores 0; ppo improves, collapses at step 30 (looping), partly recovers
+    rm = {base.label: [0.0] * n}
+    for t, lvl in zip(ts[1:], (0.5, 1.0, -1.0, 0.8)):
+        rm[t.label] = [lvl + 0.01 * (i % 3) for i in range(n)]
+    res = assemble(ts, gen, {}, rm, {}, base, prompts, EvalSettings(), [])
+    assert res.selection == "win_rate"
+    assert res.best["ppo"] == "ppo/step-0000020"   # not the last one
+    assert res.row("ppo/step-0000020")["best"] and not res.row("ppo/step-0000040")["best"]
+    assert res.row("sft/final")["baseline"] and res.row("sft/final")["win_rate"] == 0.5
+    assert res.row("ppo/step-0000030")["win_rate"] == 0.0 and res.row("ppo/step-0000030")["loop_rate"] == 1.0
+    warned = " ".join(res.warnings)
+    assert "step-0000030 is worse than the earlier step-00000" in warned and "on win_rate" in warned
+    assert "loop rate" in warned
+    assert not any("step-0000040" in w and "win_rate" in w for w in res.warnings)  # 1.0 vs 0.8: both win all
+    assert any("best checkpoint is step-0000020" in n for n in res.notes)
+    assert len(res.samples) == 5 * n
+
+
+def test_assemble_falls_back_to_perplexity():
+    from chatforge.eval.evaluate import EvalSettings, Target, assemble
+
+    ts = [Target("sft", f"step-{i}", f"/x/{i}", i) for i in (1, 2, 3)]
+    gen = {t.label: _fake_gen(["ok"], nll) for t, nll in
+           zip(ts, ([2.0, 2.1, 1.9, 2.0], [1.5, 1.6, 1.4, 1.5], [1.8, 1.9, 1.7, 1.8]))}
+    res = assemble(ts, gen, {}, {}, {}, None, [[{"role": "user", "content": "q"}]], EvalSettings(), [])
+    assert res.selection == "ppl" and res.best["sft"] == "sft/step-2"
+    assert res.row("sft/step-2")["ppl"] == pytest.approx(math.exp(1.5))
+    assert len(res.warnings) == 1 and "step-3 is worse than the earlier step-2 on ppl" in res.warnings[0]
+
+
+# ---------------------------------------------------------------- end to end on tiny checkpoints
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """A fake SFT run (two checkpoints + model/ = copy of the last), a tiny reward model and
+    held-out data, laid out exactly as runs.py / heads.py write them."""
+    from chatforge.data.records import Conversation, write_jsonl
+    from chatforge.models.tiny import tiny_model, tiny_tokenizer
+    from chatforge.runs import Run, atomic_write_text
+    from chatforge.train.core import save_model
+
+    root = tmp_path_factory.mktemp("pipe")
+    tok = tiny_tokenizer()
+    run = Run(root / "sft")
+    for step, seed in ((1, 0), (2, 1)):
+        run.save_checkpoint(step, lambda d, s=seed: save_model(tiny_model(seed=s), tok, d))
+        run.log(step, loss=3.0 / step, eval_loss=3.2 / step)
+    run.publish_model(run.latest_checkpoint())
+    atomic_write_text(run.path / "config.yaml", "model: tiny\ntemplate: auto\n")
+    run.write_summary(steps=2)
+    run.mark_done()
+
+    from chatforge.models.heads import RewardModel
+
+    rm = RewardModel.from_causal_lm(tiny_model(seed=5))
+    (root / "rm").mkdir()
+    rm.save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+
+    convs = [Conversation([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in [
+        ("What colour is the sky?", "It is blue."),
+        ("What is 2 + 2?", "2 + 2 = 4."),
+        ("Give three tips for staying healthy.", "Eat a balanced diet, exercise regularly and get enough sleep."),
+    ]]
+    write_jsonl(convs, root / "heldout.jsonl")
+    return root
+
+
+@pytest.mark.slow
+def test_evaluate_tiny_checkpoints_end_to_end(tiny_runs, fake_judge_url, monkeypatch):
+    from chatforge.eval.evaluate import EvalSettings, evaluate_runs
+    from chatforge.eval.judge import Judge
+
+    root = tiny_runs
+    out = root / "eval"
+    s = EvalSettings(max_prompts=3, max_new_tokens=12, batch_size=2)
+    res = evaluate_runs({"sft": root / "sft"}, baseline="tiny", heldout=root / "heldout.jsonl", rm=root / "rm",
+                        judge=Judge(fake_judge_url, "fake"), out=out, settings=s)
+    labels = [r["label"] for r in res.rows]
+    assert labels == ["tiny", "sft/step-0000001", "sft/step-0000002"]  # model/ == step 2: one row
+    assert res.row("sft/step-0000002")["final"] and res.row("tiny")["baseline"]
+    for r in res.rows:
+        for k in ("ppl", "rm_score", "win_rate", "judge_win_rate", "len_tokens", "rep_ngram", "distinct_1",
+                  "loop_rate", "no_eos_rate"):
+            assert r[k] is not None and math.isfinite(r[k]), (r["label"], k)
+        assert 0 <= r["win_rate"] <= 1
+    # step 1 has the very weights of "tiny" (seed 0): same responses, KL 0, all ties
+    one = res.row("sft/step-0000001")
+    assert one["kl"] == pytest.approx(0.0, abs=1e-3)
+    assert one["ppl"] == pytest.approx(res.row("tiny")["ppl"], rel=1e-5)
+    assert one["win_rate"] == 0.5 and one["judge_win_rate"] == 0.5
+    assert math.isfinite(res.row("sft/step-0000002")["kl"])
+    assert res.selection == "win_rate" and res.best["sft"] in labels
+    # files
+    data = json.loads((out / "eval.json").read_text())
+    assert [r["label"] for r in data["rows"]] == labels
+    assert len((out / "eval.jsonl").read_text().splitlines()) == 3
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 3 * 3
+    # a second run is served from the cache: no model is loaded at all
+    import chatforge.models.heads as heads
+    import chatforge.models.load as load_mod
+
+    def boom(*a, **k):
+        raise AssertionError("loaded a model despite the cache")
+
+    monkeypatch.setattr(load_mod, "load", boom)
+    monkeypatch.setattr(heads, "load_reward_model", boom)
+    calls = _FakeJudge.seen[:]
+    res2 = evaluate_runs({"sft": root / "sft"}, baseline="tiny", heldout=root / "heldout.jsonl", rm=root / "rm",
+                         judge=Judge(fake_judge_url, "fake"), out=out, settings=s)
+    assert res2.rows == res.rows and _FakeJudge.seen == calls
+
+
+def test_report_files(tiny_runs):
+    import re
+
+    from chatforge.eval.report import load_result, write_report
+
+    root = tiny_runs
+    res, samples = load_result(root / "eval")
+    html_p, md_p = write_report(root, {"sft": root / "sft"}, res, samples)
+    html_s, md = html_p.read_text(), md_p.read_text()
+    for text in (html_s, md):
+        assert "sft/step-0000001" in text and "sft/step-0000002" in text and "ppl" in text
+    assert "| model |" in md and "★" in md
+    assert (root / "curves_sft.png").exists() and "curves_sft.png" in md
+    # self-contained: images inline, nothing fetched from anywhere
+    assert "<table" in html_s and html_s.count("data:image/png;base64,") >= 1
+    assert not re.search(r"""(src|href)\s*=\s*(?!['"]?data:)""", html_s)
+    assert "<script" not in html_s and "<link" not in html_s and "http://" not in html_s and "https://" not in html_s
+
+
+@pytest.mark.slow
+def test_cli_eval(tiny_runs, capsys):
+    from chatforge.cli import main
+
+    root = tiny_runs
+    rc = main(["eval", str(root / "sft"), "--baseline", "tiny", "--heldout", str(root / "heldout.jsonl"),
+               "--max-prompts", "2", "--max-new-tokens", "8", "--out", str(root / "eval-cli"), "--report"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "sft/step-0000001" in out and "best of sft" in out and "ppl" in out
+    assert (root / "eval-cli" / "report.html").exists()
+    assert main(["eval", str(root / "nope")]) == 2

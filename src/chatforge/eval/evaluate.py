@@ -408,25 +408,38 @@ def _log(msg: str) -> None:
 
 def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baseline: str | Path | None = None,
                   prompts: str | Path | None = None, heldout: str | Path | None = None, rm: str | Path | None = None,
-                  max_prompts: int = 32, max_new_tokens: int = 128, seed: int = 0, judge: Any = None,
-                  out: str | Path | None = None, settings: EvalSettings | None = None,
-                  progress: Callable[[str], None] = _log) -> EvalResult:
+                  max_prompts: int = 32, max_new_tokens: int = 128, seed: int = 0, judge: Any = None, *,
+                  base_model: str | None = None, temperature: float = 0.0, judge_url: str | None = None,
+                  judge_model: str | None = None, out: str | Path | None = None, settings: EvalSettings | None = None,
+                  log: Callable[[str], None] = _log) -> EvalResult:
     """Evaluate every checkpoint of each run (see the module docstring); writes
     ``eval.json``, ``eval.jsonl`` and ``samples.jsonl`` into ``out`` when given.
 
     ``runs`` is a list of run folders / model names, or a mapping label -> run (e.g.
-    ``{"base": "smollm2", "sft": "runs/x/sft"}``). ``judge`` is a :class:`chatforge.eval.judge.Judge`.
+    ``{"base": "smollm2", "sft": "runs/x/sft"}``); ``base_model`` adds a plain model as
+    ``base`` in front. ``judge`` is a :class:`chatforge.eval.judge.Judge`, or give
+    ``judge_url`` + ``judge_model``. ``settings`` overrides the individual knobs.
     """
     from chatforge.models.load import load
 
-    s = settings or EvalSettings(max_prompts=max_prompts, max_new_tokens=max_new_tokens, seed=seed)
+    s = settings or EvalSettings(max_prompts=max_prompts, max_new_tokens=max_new_tokens, seed=seed,
+                                 temperature=temperature)
     s.validate()
+    if judge is None and judge_url:
+        from chatforge.eval.judge import Judge
+
+        if not judge_model:
+            raise ConfigError("judge_url needs judge_model (the model name the endpoint serves)")
+        judge = Judge(judge_url, judge_model)
+    progress = log
     outp = Path(out) if out is not None else None
     cache = Cache(outp / "cache" if outp is not None else None)
     notes: list[str] = []
 
     # ---- targets (baseline first: everyone's win rate is measured against it)
     pairs = _labels(runs)
+    if base_model is not None and not any(r == str(base_model) for _, r in pairs):
+        pairs.insert(0, ("base", str(base_model)))
     if not pairs:
         raise ConfigError("no run or model to evaluate")
     base_str = str(baseline) if baseline is not None else None
