@@ -157,9 +157,10 @@ def _count_tokens(tokenizer: Any, texts: list[str]) -> array:
     return n
 
 
-def _print_errors(path: str, n_errors: int, errors: list, out=sys.stderr) -> None:
+def _print_errors(path: str, n_errors: int, errors: list, out=None) -> None:
     if not n_errors:
         return
+    out = out or sys.stderr
     print(f"{path}: {n_errors} record(s) could not be read; first {min(len(errors), SHOW_ERRORS)}:", file=out)
     for e in errors[:SHOW_ERRORS]:
         where = f"{path}:{e['line']}" if isinstance(e, dict) else e.where()

@@ -96,7 +96,7 @@ _MEDIA = (r"(?:image|picture|pic|photo(?:graph)?|drawing|painting|illustration|l
 _UNFULFILLABLE = re.compile(
     "|".join([
         # make a picture / video / sound
-        rf"{_START}(?:draw|paint|sketch|illustrate|create|generate|make|produce|design|render|take|shoot|film|edit|"
+        rf"{_START}(?:draw|paint|sketch|illustrate|create|generate|make|produce|design|render|take|shoot|film|record|edit|"
         rf"upload|send\s+me|show\s+me|attach)\s+{_FILL}{_MEDIA}s?\b{_NOT_TEXT}",
         # perform sound
         rf"{_START}(?:play|sing|hum|perform|record)\s+{_FILL}(?:song|music|tune|melody|audio|sound|recording|podcast|"
@@ -187,7 +187,8 @@ def fix_noinput(s: str) -> str:
 
 
 def is_na(s: str) -> bool:
-    return len(s) < 32 and _NOT_ALNUM.sub("", s.lower()) in _NA_KEYS
+    """An N/A-style non-answer (an empty string is the empty_output rule's business)."""
+    return 0 < len(s) < 32 and _NOT_ALNUM.sub("", s.lower()) in _NA_KEYS
 
 
 def repeat_ratio(s: str, n_words: int = 4, n_chars: int = 8, at_least: float = 0.0) -> float | None:
