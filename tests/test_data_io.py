@@ -207,3 +207,12 @@ def test_broken_jsonl_line_reason_has_the_column(tmp_path):
     (err,) = errors(items(p))
     assert err.line == 2 and err.reason.startswith("invalid JSON") and "column" in err.reason
     assert str(err) == f"{p}:2: {err.reason}"
+
+
+def test_truncated_gzip_keeps_the_lines_before_and_reports_the_rest(tmp_path):
+    blob = gzip.compress(b"".join(b'{"a": %d, "pad": "%s"}\n' % (i, b"x" * 50) for i in range(5000)))
+    p = write(tmp_path, "cut.jsonl.gz", blob[: len(blob) // 2])
+    xs = items(p)
+    errs = errors(xs)
+    assert len(errs) == 1 and "truncated" in errs[0].reason and not errs[0].item
+    assert 0 < len(values(xs)) < 5000 and errs[0].line == len(values(xs)) + 1

@@ -462,3 +462,9 @@ def test_every_format_has_a_fixture_here():
               "sharegpt", "openai-messages", "chatforge", "hh-rlhf", "alpaca-eval-outputs", "alpaca-eval-pairwise",
               "fastchat-questions", "hugchat", "conversation-blocks", "nanochatgpt", "lines"}
     assert set(format_names()) == tested
+
+
+def test_forcing_a_json_format_on_a_text_file_is_an_error(tmp_path):
+    p = text(tmp_path, "seed.txt", "one question\nanother\n")
+    with pytest.raises(DataError, match="reads JSON, but the file is plain text"):
+        read_file(p, format="alpaca")

@@ -276,9 +276,9 @@ class Cleaner:
     min_chars: int = 2
     max_chars: int = 16000
     max_repeat: float = 0.8
-    n_in: int = 0
-    rejected: Counter = field(default_factory=Counter)
-    fixed: Counter = field(default_factory=Counter)
+    n_in: int = field(default=0, init=False)
+    rejected: Counter = field(default_factory=Counter, init=False)  # rule -> records rejected
+    fixed: Counter = field(default_factory=Counter, init=False)  # rule -> records changed
 
     def __post_init__(self) -> None:
         self.disable = frozenset(self.disable)

@@ -27,6 +27,7 @@ import gzip
 import json
 import lzma
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Union
@@ -177,8 +178,11 @@ def _layout(text: str, complete: bool, path: str | Path) -> str:
 def read_text(path: str | Path) -> str:
     """The whole file as text (decompressed, BOM stripped); DataError if not UTF-8."""
     f, comp = open_binary(path)
-    with f:
-        data = f.read()
+    try:
+        with f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise DataError(f"{path}: corrupt or truncated {comp or 'file'}: {e}") from None
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         return data.decode("utf-16")
     try:
@@ -202,10 +206,19 @@ def iter_lines(path: str | Path, sniffed: Sniffed | None = None) -> Iterator[tup
         for n, line in enumerate(read_text(path).split("\n"), 1):
             yield n, line[:-1] if line.endswith("\r") else line
         return
-    f, _ = open_binary(path)
+    f, comp = open_binary(path)
     with f:
         n = 0
-        for raw in f:
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:  # truncated / corrupt stream
+                yield n + 1, ReadError(str(path), n + 1, f"corrupt or truncated {comp or 'file'} after line {n} "
+                                       f"({e}); the rest of the file could not be read", item=False)
+                return
             n += 1
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]

@@ -73,6 +73,8 @@ class FileStream:
         forced = BY_NAME[format] if format else None
         if forced is not None and forced.unsupported:
             raise DataError(f"{self.path}: format {forced.name} cannot be read: {forced.unsupported}")
+        if forced is not None and not forced.text and self.sniffed.layout == "text":
+            raise DataError(f"{self.path}: format {forced.name} reads JSON, but the file is plain text")
         if self.sniffed.layout == "text" or (forced is not None and forced.text):
             self._init_text(forced)
         else:
@@ -80,8 +82,6 @@ class FileStream:
 
     # -- detection ---------------------------------------------------------------------
     def _init_json(self, forced: Format | None) -> None:
-        if forced is not None and forced.text is False and self.sniffed.layout == "text":
-            raise DataError(f"{self.path}: format {forced.name} reads JSON, but the file is plain text")
         items = iter_items(self.path, self.sniffed)
         buf: list[Any] = []
         sample: list[Any] = []

@@ -85,7 +85,7 @@ def detect_blocks(lines: list[str]) -> float:
         return 3.0
     body = [l for l in lines if l.strip()]
     hits = sum(1 for l in body if l.lstrip().startswith("<") and _TURN.match(l))
-    return 2.0 if body and hits / len(body) > 0.8 else 0.0
+    return 2.0 if body and hits / len(body) > 0.5 else 0.0
 
 
 def parse_blocks(lines: Iterator, source: str) -> Iterator:
@@ -137,7 +137,7 @@ _EOT = re.compile(r"<endoftext>\s*$", re.IGNORECASE)
 def detect_nanochat(lines: list[str]) -> float:
     body = [l for l in lines if l.strip()]
     hits = sum(1 for l in body if _TAG.match(l))
-    return 3.0 if body and hits / len(body) > 0.8 else 0.0
+    return 3.0 if body and hits / len(body) > 0.5 else 0.0
 
 
 def parse_nanochat(lines: Iterator, source: str) -> Iterator:
