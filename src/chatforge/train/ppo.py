@@ -1,0 +1,577 @@
+"""RLHF: PPO with a per-token KL penalty to the frozen starting (SFT) policy, and RLOO.
+
+One step = experience (``experience.py``: roll out, score, old/reference log-probs,
+advantages) + update (this file: a few epochs of clipped-surrogate minibatch SGD).
+
+* ``algo=ppo`` (Schulman et al. 2017; Ziegler et al. 2019; InstructGPT): per-token reward
+  ``-beta * KL_t`` plus the score on the last token, GAE(gamma, lambda) with a value head,
+  whitened advantages, clipped policy and value losses.
+* ``algo=rloo`` (Ahmadian et al. 2024): k samples per prompt, each sequence's
+  ``score - beta * KL`` minus the mean of the other k-1 -- no critic at all.
+
+Memory layouts (``summary.json`` records ``layout`` and ``peak_rss_mb``):
+
+* ``lora=true``: ONE frozen backbone. Policy = the LoRA adapter; reference = the same
+  backbone with the adapter switched off (``model.disable_adapter()``); value = a
+  :class:`~chatforge.models.heads.ScalarHead` on the policy's last hidden state (shared
+  trunk: one forward gives log-probs and values). A LoRA reward model trained on the same
+  base can join as another adapter (``--reward "rm:RUN?share=true"``).
+* full fine-tuning: the policy + a frozen copy as reference (+ the head).
+
+Levers, in the order they matter on a 2-core CPU: LoRA (no second model, small optimizer
+state), bf16 autocast, the LM head only on response positions, response length
+(``response_len``), ``ppo_epochs`` (each is a forward + backward over the whole batch).
+
+Logged per step (``metrics.jsonl``; ``reward_kl.png``; ``samples.jsonl`` every
+``sample_every`` steps):
+
+* ``reward`` / ``reward_std``  weighted reward of the rollouts before whitening/penalties;
+  ``score``: what was optimised; ``reward/NAME``: each component.
+* ``kl``          mean over episodes of ``sum_t (log pi - log ref)`` on the sampled tokens
+                  (nats per response; ``kl_k3`` the k3 estimate); ``kl_coef`` = beta.
+* ``entropy``     mean per-token entropy of the policy (first epoch).
+* ``clip_frac`` / ``value_clip_frac``  share of tokens where the clipped branch was active.
+* ``policy_loss``, ``value_loss``, ``approx_kl`` (KL(old || new), k3), ``ratio_dev0``
+  (max |log pi - log pi_old| on the first minibatch before any update: must be 0).
+* ``response_len``, ``eot_rate`` (share of responses that ended their turn),
+  ``tokens_per_s`` (response tokens per second of the whole step), ``episodes_per_s``.
+
+Debugging tips: ``ratio_dev0`` must be exactly 0 and ``kl`` 0 at step 1 (for a fresh LoRA
+adapter: B = 0). A reward that rises while ``kl`` explodes and ``entropy`` collapses is
+reward hacking: raise ``kl_coef`` or use ``adaptive_kl``. A falling ``eot_rate`` means the
+policy learns to ramble: set ``missing_eot_reward``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+from chatforge.config import check_range
+from chatforge.errors import ConfigError, DataError
+from chatforge.runs import Run, checkpoint_step, plot_curves
+from chatforge.train import core
+from chatforge.train import experience as xp
+from chatforge.train import ppo_math as pm
+from chatforge.train.core import TrainConfig
+
+Messages = list[dict[str, str]]
+
+
+# ---------------------------------------------------------------- config
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO / RLOO recipe. ``model`` is the starting policy and the reference (``--policy``),
+    ``data`` the prompt files (``--prompts``; any record kind: its prompt part is used),
+    ``eval_data`` held-out prompts for the final evaluation (default: ``eval_fraction``)."""
+
+    algo: Literal["ppo", "rloo"] = "ppo"
+    rewards: list[str] = field(default_factory=list)   # reward specs (see rewards.py); repeat to combine
+    rollout_batch: int = 8             # prompts per step
+    samples_per_prompt: int = 0        # k; 0 = auto: 1 for ppo, 4 for rloo
+    response_len: int = 64             # max new tokens per response
+    max_prompt_len: int = 256          # longer prompts keep their end (the last turn)
+    temperature: float = 1.0           # rollouts; log-probs and KL are those of this distribution
+    top_k: int = 0
+    top_p: float = 1.0
+    ppo_epochs: int = 2                # passes over each step's episodes
+    batch_size: int = 4                # episodes per forward (micro-batch)
+    grad_accum: int = 1                # micro-batches per optimizer step (minibatch = batch_size * grad_accum)
+    lr: float = 0.0                    # 0 = auto: 1e-5 full fine-tuning, 1e-4 with LoRA
+    schedule: Literal["cosine", "linear", "constant"] = "constant"
+    warmup_steps: int = 0              # in PPO steps
+    clip: float = 0.2                  # policy ratio clip epsilon
+    vf_clip: float = 0.2               # value clip (0 = off)
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05              # beta (initial value when adaptive)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    adaptive_kl: bool = False
+    kl_target: float = 6.0             # nats per response (adaptive controller)
+    kl_horizon: int = 10000            # episodes
+    kl_stop: float = 0.0               # stop a step's epochs when approx-KL(old||new) exceeds this (0 = off)
+    whiten_advantages: bool = True
+    reward_whiten: bool = False        # running mean/std of scores
+    reward_clip: float = 0.0           # clip scores to [-c, c] (0 = off)
+    missing_eot_reward: float | None = None  # reward of a response cut by response_len (None = off)
+    reward_batch_size: int = 8
+    sample_every: int = 10             # write a few rollouts to samples.jsonl every N steps
+    samples_logged: int = 4
+    log_every: int = 1
+    save_every: int = 25
+    final_eval: bool = True            # policy vs start policy on held-out prompts at the end
+    eval_prompts: int = 64
+    eval_temperature: float = 0.0      # 0 = greedy answers for the comparison
+    eval_kl_prompts: int = 32          # held-out prompts sampled (T=1) for the final KL estimate
+    judge: str = ""                    # RM for the win rate (default: the first rm: reward)
+    max_eval_records: int = 200
+
+    def validate(self) -> None:
+        if self.lr == 0.0:
+            self.lr = 1e-4 if self.lora else 1e-5
+        if self.samples_per_prompt == 0:
+            self.samples_per_prompt = 4 if self.algo == "rloo" else 1
+        super().validate()
+        check_range("rollout_batch", self.rollout_batch, 1, None)
+        check_range("samples_per_prompt", self.samples_per_prompt, 1, 256)
+        if self.algo == "rloo" and self.samples_per_prompt < 2:
+            raise ConfigError("samples_per_prompt must be >= 2 for rloo (the baseline is the other samples)")
+        check_range("response_len", self.response_len, 1, None)
+        check_range("max_prompt_len", self.max_prompt_len, 1, None)
+        check_range("temperature", self.temperature, 0, None, lo_open=True)
+        check_range("top_k", self.top_k, 0, None)
+        check_range("top_p", self.top_p, 0, 1, lo_open=True)
+        check_range("ppo_epochs", self.ppo_epochs, 1, 100)
+        check_range("clip", self.clip, 0, None, lo_open=True)
+        check_range("vf_clip", self.vf_clip, 0, None)
+        check_range("vf_coef", self.vf_coef, 0, None)
+        check_range("gamma", self.gamma, 0, 1)
+        check_range("lam", self.lam, 0, 1)
+        check_range("kl_coef", self.kl_coef, 0, None)
+        check_range("kl_target", self.kl_target, 0, None, lo_open=True)
+        check_range("kl_horizon", self.kl_horizon, 1, None)
+        check_range("kl_stop", self.kl_stop, 0, None)
+        check_range("reward_clip", self.reward_clip, 0, None)
+        check_range("reward_batch_size", self.reward_batch_size, 1, None)
+        check_range("sample_every", self.sample_every, 1, None)
+        check_range("samples_logged", self.samples_logged, 0, None)
+        check_range("eval_prompts", self.eval_prompts, 0, None)
+        check_range("eval_temperature", self.eval_temperature, 0, None)
+        check_range("eval_kl_prompts", self.eval_kl_prompts, 0, None)
+        if self.missing_eot_reward is not None and not math.isfinite(self.missing_eot_reward):
+            raise ConfigError("missing_eot_reward must be a finite number")
+        from chatforge.train.rewards import parse_reward_spec
+
+        for spec in self.rewards:
+            parse_reward_spec(spec)
+
+    @property
+    def episodes_per_step(self) -> int:
+        return self.rollout_batch * self.samples_per_prompt
+
+
+# ---------------------------------------------------------------- prompts
+def read_prompts(paths: Sequence[str], fmt: str | None) -> tuple[list[Messages], int]:
+    """Prompt messages of every record in ``paths`` (Prompt records, or the prompt part of
+    Conversation / Preference / Ranking records), de-duplicated; and the unreadable count."""
+    from chatforge.data.readers import read_file
+    from chatforge.data.records import prompt_of
+
+    out, seen, errors = [], set(), 0
+    for path in paths:
+        if not Path(path).exists():
+            raise DataError(f"{path}: no such file")
+        res = read_file(path, format=fmt, on_error="skip")
+        errors += len(res.errors)
+        for rec in res.records:
+            try:
+                p = prompt_of(rec)
+            except ValueError:
+                continue
+            key = tuple((m["role"], m["content"]) for m in p)
+            if p and p[-1]["role"] == "user" and key not in seen:
+                seen.add(key)
+                out.append(p)
+    return out, errors
+
+
+def load_prompts(cfg: PPOConfig, log=print) -> tuple[list[Messages], list[Messages]]:
+    """(train prompts, held-out prompts)."""
+    import numpy as np
+
+    if not cfg.data:
+        raise ConfigError("prompts: give at least one prompt file (--prompts)")
+    prompts, errors = read_prompts(cfg.data, cfg.format)
+    if errors:
+        log(f"{errors} unreadable records skipped")
+    if cfg.eval_data:
+        held, _ = read_prompts(cfg.eval_data, cfg.format)
+    else:
+        n_eval = min(cfg.max_eval_records, int(round(cfg.eval_fraction * len(prompts)))) if cfg.final_eval else 0
+        perm = np.random.default_rng(cfg.seed).permutation(len(prompts)).tolist()
+        held = [prompts[i] for i in perm[:n_eval]]
+        prompts = [prompts[i] for i in sorted(perm[n_eval:])]
+    if not prompts:
+        raise DataError(f"{', '.join(cfg.data)}: no usable prompts")
+    return prompts, held[:cfg.max_eval_records]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Messages], cfg: PPOConfig) -> list[list[int]]:
+    """Chat-template ids with the generation prompt; over-long prompts keep their end."""
+    from chatforge.data.tokenize import encode_prompt
+
+    return [list(encode_prompt(tokenizer, p, cfg.template))[-cfg.max_prompt_len:] for p in prompts]
+
+
+# ---------------------------------------------------------------- models
+def load_policy(name: str):
+    """The starting policy (an SFT LoRA run is merged, so that it *is* the reference)."""
+    from chatforge.models.load import load_model
+
+    return load_model(name, dtype="fp32", merge_adapter=True)
+
+
+def new_value_head(model):
+    """A zero-initialised scalar head on the policy's hidden size: V = 0 at the start, so the
+    first value losses are the plain squared returns instead of noise on top of them."""
+    from chatforge.models.heads import ScalarHead
+
+    cfg = model.config
+    return ScalarHead(cfg.hidden_size, bias=True, init_std=0.0)
+
+
+def sampling_config(cfg: PPOConfig, tokenizer, seed: int, temperature: float | None = None,
+                    max_new_tokens: int | None = None):
+    """Engine settings for rollouts; stop strings only when the end of turn is several tokens."""
+    from chatforge.data.templates import end_of_turn_ids, stop_strings
+    from chatforge.generate.engine import SamplingConfig
+
+    t = cfg.temperature if temperature is None else temperature
+    stops = [] if len(end_of_turn_ids(tokenizer, cfg.template)) and _single_token_eot(tokenizer, cfg) \
+        else stop_strings(tokenizer, cfg.template)
+    return SamplingConfig(max_new_tokens=max_new_tokens or cfg.response_len, temperature=t,
+                          top_k=cfg.top_k if t > 0 else 0, top_p=cfg.top_p if t > 0 else 1.0, stop=stops,
+                          seed=seed, logprobs=True)
+
+
+def _single_token_eot(tokenizer, cfg: PPOConfig) -> bool:
+    from chatforge.data.templates import end_of_turn
+
+    eot = end_of_turn(tokenizer, cfg.template)
+    return not eot or len(tokenizer(eot, add_special_tokens=False)["input_ids"]) == 1
+
+
+# ---------------------------------------------------------------- the update
+def ppo_update(pv, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_id: int, seed: int) -> dict[str, float]:
+    """``ppo_epochs`` passes of clipped-surrogate SGD over the step's episodes.
+
+    Epoch 0 walks the micro-batches in ``exp.order`` -- the order the old log-probs were
+    computed in -- so the first minibatch sees ratio == 1 exactly. Returns mean statistics.
+    """
+    dev = accelerator.device
+    use_values = cfg.algo == "ppo"
+    acc_stats: dict[str, list[float]] = {}
+
+    def add(**kv: float) -> None:
+        for k, v in kv.items():
+            acc_stats.setdefault(k, []).append(float(v))
+
+    n = len(exp.episodes)
+    stopped = False
+    before_update = True
+    for epoch in range(cfg.ppo_epochs):
+        order = exp.order if epoch == 0 else xp.minibatches(n, cfg.batch_size, seed * 1000 + epoch)
+        for m0 in range(0, len(order), cfg.grad_accum):
+            micros = order[m0:m0 + cfg.grad_accum]
+            kls = []
+            for j, rows in enumerate(micros):
+                b = xp.collate([exp.episodes[i] for i in rows], pad_id).to(dev)
+                R = b.response.shape[1]
+                mask = exp.mask[rows, :R].to(dev)
+                sync = accelerator.no_sync(pv) if j < len(micros) - 1 else nullcontext()
+                with sync:
+                    with accelerator.autocast():
+                        out = pv(b, values=use_values, entropy=epoch == 0)
+                    old = exp.old_logp[rows, :R].to(dev)
+                    pl = pm.policy_loss(out.logp, old, exp.advantages[rows, :R].to(dev), mask, cfg.clip)
+                    loss = pl.loss
+                    if use_values:
+                        vl, vclip = pm.value_loss(out.values, exp.old_values[rows, :R].to(dev),
+                                                  exp.returns[rows, :R].to(dev), mask, cfg.vf_clip)
+                        loss = loss + cfg.vf_coef * vl
+                        add(value_loss=vl.item(), value_clip_frac=vclip.item())
+                    accelerator.backward(loss / len(micros))
+                if before_update:  # no optimizer step yet: new and old policy are the same weights
+                    add(ratio_dev0=float(((out.logp.detach() - old).abs() * mask).max()))
+                add(policy_loss=pl.loss.item(), clip_frac=pl.clip_frac.item(), approx_kl=pl.approx_kl.item())
+                if out.entropy is not None:
+                    add(entropy=pm.masked_mean(out.entropy, mask).item())
+                kls.append(pl.approx_kl.item())
+            if cfg.grad_clip > 0:
+                gn = accelerator.clip_grad_norm_(pv.parameters(), cfg.grad_clip)
+                add(grad_norm=float(gn))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            before_update = False
+            if cfg.kl_stop > 0 and sum(kls) / len(kls) > cfg.kl_stop:
+                stopped = True
+                break
+        if stopped:
+            break
+    out_stats = {k: sum(v) / len(v) for k, v in acc_stats.items()}
+    out_stats["ratio_dev0"] = max(acc_stats.get("ratio_dev0", [0.0]))
+    out_stats["epochs_done"] = epoch + (0 if stopped else 1)
+    return out_stats
+
+
+# ---------------------------------------------------------------- evaluation
+def generate_texts(model, tokenizer, prompt_ids: list[list[int]], cfg: PPOConfig, temperature: float, seed: int,
+                   autocast=nullcontext, context=nullcontext) -> list[xp.Episode]:
+    """One response per prompt (``context``: e.g. the adapter switched off)."""
+    from chatforge.generate.engine import Engine
+
+    with context(), autocast():
+        eng = Engine(model, tokenizer)
+        comps = eng.generate(prompt_ids, sampling_config(cfg, tokenizer, seed, temperature))
+    return [xp.Episode([], p, list(c.token_ids), c.text, c.finish_reason != "length", c.logprobs)
+            for p, c in zip(prompt_ids, comps)]
+
+
+def evaluate_policy(pv: xp.PolicyValue, ref_pv: xp.PolicyValue, ref_context, tokenizer, prompts: list[Messages],
+                    cfg: PPOConfig, rewards, judge, pad_id: int, device, autocast=nullcontext) -> dict[str, Any]:
+    """The trained policy vs the starting policy on held-out prompts.
+
+    * ``win_rate``: both answer every prompt (``eval_temperature``; greedy by default), the
+      judge reward model scores both, ties count half.
+    * ``reward_policy`` / ``reward_start``: the training reward on the same answers.
+    * ``rep_ngram_*``, ``loop_rate_*``, ``eot_rate_*``: degeneration of each side.
+    * ``kl_eval``: Monte-Carlo KL(policy || start) in nats per response, responses sampled at
+      the training temperature, both log-probs from the same teacher-forced pass.
+    """
+    from chatforge.eval.metrics import compare_scores, degeneration
+
+    model = pv.model
+    ids = encode_prompts(tokenizer, prompts[:cfg.eval_prompts], cfg)
+    use = prompts[:len(ids)]
+    ref_model = ref_pv.model
+    ours = generate_texts(model, tokenizer, ids, cfg, cfg.eval_temperature, cfg.seed, autocast)
+    start = generate_texts(ref_model, tokenizer, ids, cfg, cfg.eval_temperature, cfg.seed, autocast,
+                           ref_context or nullcontext)
+    out: dict[str, Any] = {"eval_prompts": len(ids)}
+    for name, eps in (("policy", ours), ("start", start)):
+        texts = [e.text for e in eps]
+        r = rewards(use, texts, [e.finished for e in eps], update_stats=False)
+        out[f"reward_{name}"] = r.raw.mean().item()
+        deg = degeneration(texts, ["eos" if e.finished else "length" for e in eps])
+        out[f"rep_ngram_{name}"] = deg["rep_ngram"]
+        out[f"loop_rate_{name}"] = deg["loop_rate"]
+        out[f"eot_rate_{name}"] = 1.0 - deg.get("no_eos_rate", 0.0)
+        out[f"response_len_{name}"] = sum(len(e.response_ids) for e in eps) / max(1, len(eps))
+    if judge is not None:
+        s_ours = judge.score(use, [e.text for e in ours])
+        s_start = judge.score(use, [e.text for e in start])
+        wins = [compare_scores(a, b) for a, b in zip(s_ours, s_start)]
+        out.update(win_rate=sum(wins) / len(wins), judge_score_policy=sum(s_ours) / len(s_ours),
+                   judge_score_start=sum(s_start) / len(s_start))
+    if cfg.eval_kl_prompts:
+        kl_ids = ids[:cfg.eval_kl_prompts]
+        eps = generate_texts(model, tokenizer, kl_ids, cfg, cfg.temperature, cfg.seed + 1, autocast)
+        order = [list(range(i, min(i + cfg.batch_size, len(eps)))) for i in range(0, len(eps), cfg.batch_size)]
+        lp, _ = xp.teacher_forced(pv, eps, order, pad_id, device, autocast, values=False)
+        lr, _ = xp.teacher_forced(ref_pv, eps, order, pad_id, device, autocast, values=False, ref_context=ref_context)
+        mask = xp.response_mask(eps)
+        out["kl_eval"] = pm.masked_sum(lp - lr, mask, dim=1).mean().item()
+    out["examples"] = [{"prompt": p[-1]["content"][:300], "policy": a.text[:400], "start": b.text[:400]}
+                       for p, a, b in list(zip(use, ours, start))[:5]]
+    return out
+
+
+def find_judge(cfg: PPOConfig, rewards):
+    """The reward model that judges the win rate: ``judge``, else the first ``rm:`` reward."""
+    from chatforge.train.rewards import ModelReward
+
+    if cfg.judge:
+        from chatforge.train.rm import load_scorer
+
+        return load_scorer(cfg.judge, batch_size=cfg.reward_batch_size)
+    for _, fn, _ in rewards.parts:
+        if isinstance(fn, ModelReward):
+            return fn.scorer
+    return None
+
+
+# ---------------------------------------------------------------- the loop
+PLOT_KEYS = ["reward", "kl", "kl_coef", "entropy", "clip_frac", "value_loss", "response_len", "eot_rate"]
+
+
+def total_ppo_steps(cfg: PPOConfig, n_prompts: int, world: int = 1) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n_prompts / (cfg.rollout_batch * world)))
+
+
+def write_samples(run: Run, step: int, exp: xp.Experience, n: int) -> None:
+    if not run.is_main or n <= 0:
+        return
+    with open(run.path / "samples.jsonl", "a", encoding="utf-8") as f:
+        for i, e in enumerate(exp.episodes[:n]):
+            f.write(json.dumps({"step": step, "prompt": e.prompt[-1]["content"] if e.prompt else "",
+                                "response": e.text, "score": round(float(exp.scores[i]), 4),
+                                "finished": e.finished}, ensure_ascii=False) + "\n")
+
+
+def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
+          reward_fns: Sequence[Callable] = ()) -> Path:
+    """Run PPO / RLOO; returns the run folder's ``model/``. ``reward_fns`` are extra Python
+    callables ``f(prompts, responses) -> list[float]`` (weight 1), for use from Python."""
+    from tqdm.auto import tqdm
+
+    from chatforge.generate.engine import Engine
+    from chatforge.models.load import check_model_exists, load_tokenizer
+    from chatforge.models.lora import is_peft
+    from chatforge.train.rewards import build_rewards
+
+    check_model_exists(cfg.model)
+    if not cfg.rewards and not reward_fns:
+        raise ConfigError("rewards: give at least one --reward (rm:RUN, fn:MODULE:FUNCTION, clf:MODEL:LABEL)")
+    acc = core.setup_accelerator(cfg)
+    run = Run(cfg.out, resume=resume, overwrite=overwrite, is_main=acc.is_main_process)
+    run.write_config(cfg)
+    say = acc.print
+
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts, held_out = load_prompts(cfg, log=say)
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg)
+    say(f"{len(prompts)} train prompts, {len(held_out)} held-out prompts; "
+        f"{cfg.episodes_per_step} episodes per step ({cfg.algo}, k={cfg.samples_per_prompt})")
+
+    # models: policy (+ value head); reference = adapter off (LoRA) or a frozen copy
+    model = load_policy(cfg.model)
+    ref_model = None
+    if not cfg.lora:
+        ref_model = copy.deepcopy(model).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+    model = core.prepare_model(model, cfg).to(acc.device)
+    if cfg.lora:
+        model.peft_config["default"].base_model_name_or_path = _portable_name(cfg.model)
+    model.eval()  # dropout off for good: old and new log-probs must come from the same function
+    value_head = new_value_head(model).to(acc.device) if cfg.algo == "ppo" else None
+    pv = xp.PolicyValue(model, value_head, cfg.temperature)
+    if ref_model is not None:
+        ref_pv, ref_context = xp.PolicyValue(ref_model.to(acc.device), None, cfg.temperature), None
+    else:
+        ref_pv, ref_context = pv, model.disable_adapter
+    layout = "lora: one frozen backbone (policy = adapter, reference = adapter off)" if cfg.lora else \
+        "full: policy + frozen reference copy"
+    if value_head is not None:
+        layout += " + value head on the policy's hidden states"
+
+    rewards = build_rewards(list(cfg.rewards) + list(reward_fns), whiten=cfg.reward_whiten, clip=cfg.reward_clip,
+                            missing_eot_reward=cfg.missing_eot_reward, onto=model if is_peft(model) else None,
+                            batch_size=cfg.reward_batch_size)
+    steps = total_ppo_steps(cfg, len(prompts), acc.num_processes)
+    opt = core.build_optimizer(pv, cfg)
+    sched = core.build_scheduler(opt, cfg, steps)
+    pv_t, opt, sched = acc.prepare(pv, opt, sched)
+    kl_ctl = pm.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl \
+        else pm.FixedKLController(cfg.kl_coef)
+    extra_modules = {"value_head": value_head} if value_head is not None else None
+
+    step, episodes_seen = 0, 0
+    if resume:
+        state = core.resume_from(run, acc, model, opt, sched, extra_modules=extra_modules)
+        if state is not None:
+            step = state["step"]
+            episodes_seen = int(state.get("episodes", 0))
+            kl_ctl.load_state_dict(state["kl_ctl"])
+            rewards.load_state_dict(state.get("rewards", {}))
+            say(f"resumed from {state['checkpoint']} at step {step}")
+    batches = core.batch_indices(len(prompts), cfg.rollout_batch, cfg.seed, acc.process_index, acc.num_processes,
+                                 start_batch=step)
+    engine = Engine(model, tokenizer)
+
+    def save(at: int) -> None:
+        core.save_checkpoint(run, at, acc, model, tokenizer, opt, sched, keep_last=cfg.keep_last,
+                             extra={"kl_ctl": kl_ctl.state_dict(), "rewards": rewards.state_dict(),
+                                    "episodes": episodes_seen},
+                             extra_modules=extra_modules)
+
+    t0 = time.time()
+    deadline = run.start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+    bar = tqdm(total=steps, initial=step, desc=cfg.algo, disable=not acc.is_main_process)
+    window: list[dict[str, float]] = []
+    while step < steps:
+        t_step = time.time()
+        idx = next(batches)
+        batch_prompts = [prompts[i] for i in idx]
+        seed = cfg.seed * 1_000_003 + step
+        with acc.autocast():
+            episodes = xp.rollout(engine, batch_prompts, [prompt_ids[i] for i in idx],
+                                  sampling_config(cfg, tokenizer, seed), cfg.samples_per_prompt)
+        t_gen = time.time() - t_step
+        r = rewards([e.prompt for e in episodes], [e.text for e in episodes], [e.finished for e in episodes])
+        t_score = time.time() - t_step - t_gen
+        order = xp.minibatches(len(episodes), cfg.batch_size, seed * 1000)
+        exp = xp.make_experience(pv_t, ref_pv, ref_context, episodes, r.scores, order, pad_id=pad_id,
+                                 device=acc.device, autocast=acc.autocast, algo=cfg.algo, kl_coef=kl_ctl.value,
+                                 kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
+                                 k=cfg.samples_per_prompt, whiten_advantages=cfg.whiten_advantages)
+        upd = ppo_update(pv_t, exp, opt, acc, cfg, pad_id, seed)
+        sched.step()
+        step += 1
+        episodes_seen += len(episodes)
+        beta = kl_ctl.value
+        kl_ctl.update(exp.stats["kl"], len(episodes))
+        dt = time.time() - t_step
+        n_tok = sum(len(e.response_ids) for e in episodes)
+        row: dict[str, float] = {"reward": r.raw.mean().item(), "reward_std": r.raw.std().item() if len(episodes) > 1
+                                 else 0.0, "score": r.scores.mean().item(), "kl_coef": beta}
+        row.update({f"reward/{k}": sum(v) / len(v) for k, v in r.parts.items()} if len(r.parts) > 1 else {})
+        row.update(xp.describe(exp))
+        row.update(upd)
+        row.update(lr=sched.get_last_lr()[0], tokens_per_s=n_tok / dt, episodes_per_s=len(episodes) / dt,
+                   time_rollout=t_gen, time_score=t_score, time_update=dt - t_gen - t_score, episodes=episodes_seen)
+        window.append(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.2f}")
+        out_of_time = time.time() > deadline
+        if step % cfg.log_every == 0 or step == steps or out_of_time:
+            keys = window[-1].keys()
+            avg = {k: sum(w[k] for w in window if k in w) / sum(1 for w in window if k in w) for k in keys}
+            avg["episodes"] = episodes_seen
+            run.log(step, **avg)
+            window = []
+        if step == 1 or step % cfg.sample_every == 0:
+            write_samples(run, step, exp, cfg.samples_logged)
+        if step % cfg.save_every == 0 and step < steps and not out_of_time:
+            save(step)
+        if out_of_time:
+            say(f"max_minutes={cfg.max_minutes} reached at step {step}/{steps}; stopping")
+            break
+    bar.close()
+    train_s = time.time() - t0
+
+    rows = run.read_metrics()
+    summary: dict[str, Any] = {"algo": cfg.algo, "layout": layout, "planned_steps": steps, "episodes": episodes_seen,
+                               "train_time_s": round(train_s, 1), "train_prompts": len(prompts)}
+    if rows:
+        head, tail = rows[:max(1, min(3, len(rows) // 4))], rows[-max(1, min(3, len(rows) // 4)):]
+        for k in ("reward", "kl", "entropy", "response_len", "eot_rate"):
+            if k in rows[0]:
+                summary[f"{k}_first"] = sum(r_[k] for r_ in head) / len(head)
+                summary[f"{k}_last"] = sum(r_[k] for r_ in tail) / len(tail)
+        summary["episodes_per_s"] = episodes_seen / max(train_s, 1e-9)
+    summary["kl_coef_final"] = kl_ctl.value
+    if cfg.final_eval and held_out and acc.is_main_process:
+        with torch.random.fork_rng(devices=[]):
+            ev = evaluate_policy(pv, ref_pv, ref_context, tokenizer, held_out, cfg, rewards, find_judge(cfg, rewards),
+                                 pad_id, acc.device, acc.autocast)
+        run.write_json("eval.json", ev)
+        summary.update({k: v for k, v in ev.items() if k != "examples"})
+        say("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in ev.items() if isinstance(v, float)))
+    if acc.is_main_process:
+        plot_curves(rows, PLOT_KEYS, run.path / "reward_kl.png", title=f"{cfg.algo.upper()} on {cfg.model}")
+    latest = run.latest_checkpoint()
+    if latest is None or checkpoint_step(latest) != step:
+        save(step)  # with the value head and controller state, so the final step can be resumed from
+    return core.finish(run, acc, model, tokenizer, step, **summary)
+
+
+def _portable_name(name: str) -> str:
+    """What a saved adapter names as its base: built-in names as they are, paths absolute."""
+    from chatforge.models.load import SMOLLM2_NAMES
+
+    if name.lower() in SMOLLM2_NAMES or name.lower() == "tiny" or not Path(name).exists():
+        return name
+    return str(Path(name).resolve())
