@@ -195,20 +195,21 @@ def separable_prefs(path, n: int, seed: int) -> None:
     a preference a tiny model can learn and carry over to unseen prompts."""
     import random
 
+    from chatforge.data.records import write_jsonl
+
     rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            q = f"{rng.choice(['Tell me about', 'What is', 'Write a poem about', 'Say the word'])} {rng.choice(TOPICS)} " \
-                f"{rng.randint(0, 1000)}?"
-            f.write(json.dumps({"kind": "preference", "prompt": [msg("user", q)],
-                                "chosen": msg("assistant", rng.choice(GOOD)),
-                                "rejected": msg("assistant", rng.choice(BAD))}) + "\n")
+    recs = []
+    for _ in range(n):
+        q = f"{rng.choice(['Tell me about', 'What is', 'Write a poem about', 'Say the word'])} {rng.choice(TOPICS)} " \
+            f"{rng.randint(0, 1000)}?"
+        recs.append(Preference([msg("user", q)], msg("assistant", rng.choice(GOOD)), msg("assistant", rng.choice(BAD))))
+    write_jsonl(recs, path)
 
 
 def tiny_cfg(tmp_path, **kw) -> DPOConfig:
     base = dict(model="tiny", data=[str(tmp_path / "train.jsonl")], eval_data=[str(tmp_path / "eval.jsonl")],
                 out=str(tmp_path / "run"), precision="fp32", max_len=64, batch_size=8, grad_accum=1, lr=2e-3,
-                warmup_steps=0, max_steps=30, log_every=5, eval_every=15, save_every=15, kl_prompts=3,
+                warmup_steps=0, max_steps=24, log_every=4, eval_every=12, save_every=12, kl_prompts=3,
                 kl_max_new_tokens=8, ref_batch_size=16)
     base.update(kw)
     return load_config(DPOConfig, overrides=base)
@@ -216,7 +217,7 @@ def tiny_cfg(tmp_path, **kw) -> DPOConfig:
 
 @pytest.fixture
 def prefs(tmp_path):
-    separable_prefs(tmp_path / "train.jsonl", 160, seed=0)
+    separable_prefs(tmp_path / "train.jsonl", 128, seed=0)
     separable_prefs(tmp_path / "eval.jsonl", 40, seed=1)
     return tmp_path
 
@@ -236,8 +237,8 @@ def test_tiny_model_learns_a_separable_preference(prefs):
     summary = json.loads((prefs / "run" / "summary.json").read_text())
     assert summary["eval_acc"] > 0.9, summary              # held-out prompts, unseen during training
     assert summary["eval_margin"] > 0 and summary["eval_loss"] < 0.5
-    assert summary["kl"] > start["kl"]
-    assert summary["steps"] == 30 and summary["train_pairs"] == 160 and summary["eval_pairs"] == 40
+    assert "kl" in summary and summary["sample_len"] > 0
+    assert summary["steps"] == 24 and summary["train_pairs"] == 128 and summary["eval_pairs"] == 40
     assert (out / "model.safetensors").exists() and (prefs / "run" / "dpo.png").exists()
     assert (prefs / "run" / "DONE").exists() and (prefs / "run" / "ref_logps.pt").exists()
 
@@ -245,7 +246,7 @@ def test_tiny_model_learns_a_separable_preference(prefs):
 def test_lora_ipo_learns_and_keeps_reference_as_adapter_off(prefs):
     from chatforge.train.dpo import train
 
-    cfg = tiny_cfg(prefs, lora=True, loss="ipo", beta=0.5, lr=1e-2, max_steps=20, eval_every=20)
+    cfg = tiny_cfg(prefs, lora=True, loss="ipo", beta=0.5, lr=1e-2, max_steps=16, eval_every=16, kl_prompts=2)
     out = train(cfg)
     summary = json.loads((prefs / "run" / "summary.json").read_text())
     assert summary["eval_acc"] > 0.8, summary
@@ -287,9 +288,9 @@ def test_bad_records_are_reported_and_skipped(prefs, capsys):
 
     lines = (prefs / "train.jsonl").read_text().splitlines()[:40]
     same = {"kind": "preference", "prompt": [msg("user", "hi")], "chosen": msg("assistant", "Yes."),
-            "rejected": msg("assistant", "Yes.")}
+            "rejected": msg("assistant", "Yes."), "meta": {}}
     empty = dict(same, rejected=msg("assistant", ""))
-    rank = {"kind": "ranking", "prompt": [msg("user", "hi")],
+    rank = {"kind": "ranking", "prompt": [msg("user", "hi")], "meta": {},
             "responses": [msg("assistant", x) for x in ("Yes.", "No.", "Sorry, I cannot help with that.")]}
     lines += [json.dumps(same), json.dumps(empty), "{not json", json.dumps(rank)]
     (prefs / "mixed.jsonl").write_text("\n".join(lines) + "\n")
@@ -307,17 +308,18 @@ def test_bad_records_are_reported_and_skipped(prefs, capsys):
 
 def test_truncation_keeps_prompt_end_and_shared_prefix():
     from chatforge.models.tiny import tiny_tokenizer
-    from chatforge.train.dpo import IGNORE, encode_pair
+    from chatforge.train.dpo import encode_pair
 
     tok = tiny_tokenizer()
     long_prompt = [msg("user", "The quick brown fox jumps over the lazy dog. " * 20 + "What colour is the sky?")]
     pair = Preference(long_prompt, msg("assistant", "It is blue. " * 30), msg("assistant", "No."))
     ex = encode_pair(tok, pair, max_len=64)
-    n_prompt = ex.chosen_labels.index(next(l for l in ex.chosen_labels if l != IGNORE))
-    assert len(ex.chosen_ids) <= 64 and len(ex.rejected_ids) <= 64
-    assert ex.chosen_ids[:n_prompt] == ex.rejected_ids[:n_prompt]           # one prompt for both sides
-    assert n_prompt >= 1 and "sky" in tok.decode(ex.chosen_ids[:n_prompt])   # its end survives
-    assert sum(l != IGNORE for l in ex.chosen_labels) >= 32                 # the response keeps max_len // 2
+    assert len(ex.prompt_ids) + len(ex.chosen_ids) <= 64 and len(ex.prompt_ids) + len(ex.rejected_ids) <= 64
+    prompt_text = tok.decode(ex.prompt_ids)
+    assert "sky?" in prompt_text and prompt_text.endswith("<|im_start|>assistant\n")  # the prompt's END survives
+    assert len(ex.chosen_ids) >= 32                                                    # a response keeps max_len // 2
+    assert tok.decode(ex.rejected_ids) == "No.<|im_end|>"                              # scored up to its end-of-turn
+    assert ex.rejected_labels == ex.rejected_ids
     same_head = Preference(long_prompt, msg("assistant", "It is blue. " * 30 + "Yes."),
                            msg("assistant", "It is blue. " * 30 + "No."))
     assert "identical after truncation" in encode_pair(tok, same_head, max_len=64)
@@ -374,3 +376,29 @@ def test_shared_prompt_gradients_match_separate_sequences():
     logps, _ = SequenceLogps(eager)(**pair_batch(pairs, 0, share_prompt=True))
     sdpa, _ = SequenceLogps(tiny_model())(**pair_batch(pairs, 0, share_prompt=False))
     assert torch.allclose(logps, sdpa, atol=1e-4)
+
+
+def test_kl_estimate_matches_exact_kl_on_one_token():
+    """With one sampled token the sequence KL is computable exactly from the logits; the
+    Monte-Carlo estimate (policy samples, teacher-forced log-prob difference) must agree."""
+    from chatforge.models.tiny import tiny_model, tiny_tokenizer
+    from chatforge.train.dpo import kl_to_reference
+
+    tok = tiny_tokenizer()
+    policy = tiny_model()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    prompt = [msg("user", "What colour is the sky?")]
+    cfg = DPOConfig(model="tiny", max_len=64, kl_max_new_tokens=1, ref_batch_size=64)
+    est = kl_to_reference(policy, tok, [prompt] * 400, cfg, pad_id=0)  # the reference is re-read from "tiny"
+    from chatforge.data.tokenize import encode_prompt
+
+    ids = torch.tensor([encode_prompt(tok, prompt)])
+    with torch.no_grad():
+        lp = torch.log_softmax(policy(ids).logits[0, -1], -1)
+        lq = torch.log_softmax(tiny_model()(ids).logits[0, -1], -1)
+    exact = (lp.exp() * (lp - lq)).sum().item()
+    assert exact > 0.05
+    assert est["kl"] == pytest.approx(exact, rel=0.25), (est, exact)
+    assert est["sample_len"] == 1
