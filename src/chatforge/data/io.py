@@ -117,7 +117,7 @@ def _read_head(path: str | Path) -> tuple[bytes, str | None, bool]:
         with f:
             head = f.read(SNIFF_BYTES)
             complete = not f.read(1)
-    except (OSError, EOFError, lzma.LZMAError) as e:
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:
         raise DataError(f"{path}: corrupt {comp} stream: {e}") from None
     return head, comp, complete
 
