@@ -262,7 +262,7 @@ def marker_prefs(n: int, seed: int = 0) -> list[Preference]:
 
 def tiny_cfg(tmp_path: Path, data: list[str], **kw) -> RMConfig:
     base = dict(model="tiny", data=data, out=str(tmp_path / "run"), precision="fp32", max_len=64, batch_size=8,
-                grad_accum=1, lr=3e-3, warmup_steps=5, max_steps=60, log_every=10, eval_every=30, save_every=1000,
+                grad_accum=1, lr=3e-3, warmup_steps=3, max_steps=30, log_every=5, eval_every=1000, save_every=1000,
                 eval_batch_size=32)
     base.update(kw)
     return RMConfig(**base)
@@ -273,16 +273,16 @@ def test_tiny_rm_learns_marker_word(tmp_path):
     from chatforge.train.rm import load_scorer, train
 
     data = tmp_path / "prefs.jsonl"
-    write_jsonl(marker_prefs(300), data)
+    write_jsonl(marker_prefs(200), data)
     cfg = tiny_cfg(tmp_path, [str(data)])
     cfg.validate()
     model_dir = train(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["eval_groups"] == 60 and summary["eval_acc"] > 0.95, summary
+    assert summary["eval_groups"] == 40 and summary["eval_acc"] > 0.95, summary
     assert (tmp_path / "run" / "accuracy.png").exists() and (tmp_path / "run" / "DONE").exists()
     split = json.loads((tmp_path / "run" / "split.json").read_text())
-    assert len(split["heldout"]) == 60
-    assert sum(1 for _ in open(tmp_path / "run" / "heldout.jsonl")) == 60
+    assert len(split["heldout"]) == 40
+    assert sum(1 for _ in open(tmp_path / "run" / "heldout.jsonl")) == 40
     scorer = load_scorer(tmp_path / "run")
     s = scorer.score([[msg("user", "tea?")]] * 2, ["milk blue tea", "milk tea"])
     assert s[0] > s[1]
