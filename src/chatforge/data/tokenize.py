@@ -439,10 +439,10 @@ def pack_examples(examples: Iterable[Encoded | dict], max_len: int, buffer: int 
     Best-fit decreasing over buffers of ``buffer`` examples (rows ~99% full for chat-sized
     examples). Each row carries ``position_ids`` that restart at 0 at every example, and
     the first label of every example is ``-100`` (it would otherwise be predicted from the
-    previous example). Give the model these rows with ``position_ids`` and *no*
-    ``attention_mask``: transformers then builds a block-diagonal causal mask from the
-    position resets (``masking_utils.find_packed_sequence_indices``), so no token attends
-    across examples -- see :func:`collate`.
+    previous example). Give the model these rows with ``position_ids``, *no*
+    ``attention_mask`` and ``use_cache=False``: transformers then builds a block-diagonal
+    causal mask from the position resets (``masking_utils.find_packed_sequence_indices``),
+    so no token attends across examples -- see :func:`collate`.
     """
     buf: list[tuple[list[int], list[int]]] = []
     for ex in examples:
@@ -527,6 +527,12 @@ def collate(batch: list[dict], pad_id: int, pad_to_multiple_of: int | None = Non
     each other; without it, the position resets give a block-diagonal mask. Padding in a
     packed row gets positions 0, 1, ... of its own, so it is a separate (unlabelled) block.
     ``pad_id`` is only ever an input id: labels never look at it.
+
+    Call the model with ``use_cache=False`` for packed rows (or set
+    ``model.config.use_cache = False``): transformers 5 only looks for packed sequences
+    when there is no KV cache, and ``use_cache`` defaults to True even in train mode, so
+    with the default every example in a row would silently attend to the ones before it
+    (tests/test_tokenize.py pins this).
     """
     import torch
 
