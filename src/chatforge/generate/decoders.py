@@ -67,6 +67,18 @@ class HFDecoder:
         self.next_pos = self.next_pos[rows]
 
 
-def make_decoder(model, fast: bool | str = "auto", compile: bool = False):
-    """The fastest decoder that supports ``model`` (see :class:`Engine` for ``fast``)."""
+def make_decoder(model, fast: bool | str = "auto"):
+    """The fast Llama decoder when it supports ``model`` (``fast="auto"``), required (True) or
+    never (False); otherwise the generic one."""
+    from chatforge.generate.fast import FastLlamaDecoder, unsupported_reason
+
+    if fast is False:
+        return HFDecoder(model)
+    reason = unsupported_reason(model)
+    if reason is None:
+        return FastLlamaDecoder(model)
+    if fast is True:
+        from chatforge.errors import ConfigError
+
+        raise ConfigError(f"the fast decoder cannot run this model: {reason}")
     return HFDecoder(model)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -168,11 +168,9 @@ class Engine:
 
     ``fast``: "auto" uses the fast Llama decoder when the model is a plain Llama-architecture
     model (not PEFT-wrapped), True requires it, False always uses the generic decoder.
-    ``compile``: also ``torch.compile`` the fast decoder's step (slow to start; see bench/).
     """
 
-    def __init__(self, model, tokenizer, eos_token_ids: list[int] | None = None, fast: bool | str = "auto",
-                 compile: bool = False):
+    def __init__(self, model, tokenizer, eos_token_ids: list[int] | None = None, fast: bool | str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = sorted(set(eos_token_ids)) if eos_token_ids is not None else default_eos_ids(model, tokenizer)
@@ -184,7 +182,7 @@ class Engine:
         self.device = next(model.parameters()).device
         from chatforge.generate.decoders import make_decoder
 
-        self.decoder = make_decoder(model, fast=fast, compile=compile)
+        self.decoder = make_decoder(model, fast=fast)
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: list[list[int]], cfg: SamplingConfig | None = None,

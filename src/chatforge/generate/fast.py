@@ -1,0 +1,135 @@
+"""Fast decoding for Llama-architecture models (SmolLM2, the tiny test model).
+
+Where the time of ``model(next_token, past_key_values=...)`` goes at batch 1 on a CPU:
+the weight matrix-vector products (bound by memory bandwidth, done by a GEMM tuned for big
+matrices), and ~1,000 small PyTorch calls of per-layer Python (mask building, cache
+bookkeeping, reshapes). This decoder keeps the model's own weights (no copy: training
+updates are seen at once) and replaces only the per-token step:
+
+* a pre-allocated KV cache (``[B, kv_heads, prompt + max_new, head_dim]`` per layer) and a
+  pre-allocated boolean key mask, updated in place with one column per step;
+* grouped-query attention without repeating K/V: the ``n_rep`` query heads that share a
+  KV head are laid out as ``n_rep`` queries of that head (what ``transformers`` does too);
+* the projections through :mod:`chatforge.generate.kernels` when it compiled (else
+  ``F.linear``);
+* the same arithmetic as ``transformers`` otherwise (RMSNorm in fp32, rotary embedding
+  from the model's own module, residuals in the model dtype), so greedy outputs match.
+
+The prompt (prefill) goes through the model's own forward; its KV cache is copied into the
+static one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from chatforge.generate import kernels as _kernels
+from chatforge.generate.decoders import left_pad
+
+SUPPORTED_TYPES = ("llama",)
+
+
+def unsupported_reason(model) -> str | None:
+    """Why ``model`` cannot use the fast decoder (None if it can)."""
+    if hasattr(model, "get_base_model") or hasattr(model, "peft_config"):
+        return "PEFT-wrapped models use the generic decoder"
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in SUPPORTED_TYPES:
+        return f"model type {getattr(cfg, 'model_type', None)!r} is not one of {SUPPORTED_TYPES}"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        return "not a ...ForCausalLM with .model.layers and .lm_head"
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return "only silu MLPs without tensor-parallel slicing"
+    if getattr(model, "hf_quantizer", None) is not None:
+        return "quantized weights"
+    return None
+
+
+def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """``LlamaRMSNorm`` op for op (fp32 statistics, weight applied in the input dtype)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class FastLlamaDecoder:
+    def __init__(self, model, use_kernels: bool = True):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(reason)
+        self.model = model
+        cfg = model.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = model.model.layers[0].self_attn.scaling
+        self.device = next(model.parameters()).device
+        self.kernels = _kernels.load() if use_kernels and self.device.type == "cpu" else None
+
+    def _linear(self, x: torch.Tensor, module) -> torch.Tensor:
+        w = module.weight
+        if self.kernels is not None and x.dtype == w.dtype and self.kernels.supports(w):
+            return self.kernels.linear(x, w, module.bias)
+        return F.linear(x, w, module.bias)
+
+    # -------------------------------------------------------------- prefill
+    def prefill(self, prompts: list[list[int]], pad_id: int, max_new: int) -> torch.Tensor:
+        ids, mask = left_pad(prompts, pad_id, self.device)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        B, L = ids.shape
+        T = L + max_new
+        self.k, self.v = [], []
+        for layer in out.past_key_values.layers:
+            k = layer.keys.new_empty((B, self.n_kv, T, self.head_dim))
+            v = layer.values.new_empty((B, self.n_kv, T, self.head_dim))
+            k[:, :, :L] = layer.keys
+            v[:, :, :L] = layer.values
+            self.k.append(k)
+            self.v.append(v)
+        self.valid = torch.zeros((B, 1, 1, T), dtype=torch.bool, device=self.device)
+        self.valid[:, 0, 0, :L] = mask.bool()
+        self.length = L  # filled cache columns
+        self.next_pos = positions[:, -1] + 1
+        return out.logits[:, -1]
+
+    # -------------------------------------------------------------- one token
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        B, col = tokens.shape[0], self.length
+        if col >= self.valid.shape[-1]:
+            raise RuntimeError("KV cache full: more steps than prefill(max_new=...) allowed")
+        self.valid[:, :, :, col] = True
+        mask = self.valid[:, :, :, :col + 1]
+        x = m.model.embed_tokens(tokens)  # [B, hidden]
+        cos, sin = m.model.rotary_emb(x, self.next_pos[:, None])  # [B, 1, head_dim]
+        for i, layer in enumerate(m.model.layers):
+            attn = layer.self_attn
+            h = rms_norm(x, layer.input_layernorm)
+            q = rotate(self._linear(h, attn.q_proj).view(B, self.n_heads, self.head_dim), cos, sin)
+            k = rotate(self._linear(h, attn.k_proj).view(B, self.n_kv, self.head_dim), cos, sin)
+            self.k[i][:, :, col] = k
+            self.v[i][:, :, col] = self._linear(h, attn.v_proj).view(B, self.n_kv, self.head_dim)
+            q = q.view(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # query heads sharing a KV head
+            a = F.scaled_dot_product_attention(q, self.k[i][:, :, :col + 1], self.v[i][:, :, :col + 1],
+                                               attn_mask=mask, scale=self.scale)
+            x = x + self._linear(a.reshape(B, self.n_heads * self.head_dim), attn.o_proj)
+            h = rms_norm(x, layer.post_attention_layernorm)
+            mlp = layer.mlp
+            x = x + self._linear(F.silu(self._linear(h, mlp.gate_proj)) * self._linear(h, mlp.up_proj), mlp.down_proj)
+        self.length = col + 1
+        self.next_pos = self.next_pos + 1
+        return self._linear(rms_norm(x, m.model.norm), m.lm_head)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+        self.valid = self.valid[rows]
+        self.next_pos = self.next_pos[rows]
