@@ -124,8 +124,8 @@ def stage_inputs(recipe: Recipe, root: Path) -> dict[str, dict[str, Any]]:
     return {
         "sft": {"model": recipe.model, "data": [str(d / "sft.jsonl")]},
         "rm": {"model": sft_model, "data": [str(d / "preferences.jsonl")]},
-        "ppo": {"policy": sft_model, "reward": [f"rm:{root / 'rm'}"], "prompts": [str(d / "prompts.jsonl")]},
-        "dpo": {"policy": sft_model, "data": [str(d / "preferences.jsonl")]},
+        "ppo": {"model": sft_model, "rewards": [f"rm:{root / 'rm'}"], "data": [str(d / "prompts.jsonl")]},
+        "dpo": {"model": sft_model, "data": [str(d / "preferences.jsonl")]},
     }
 
 
@@ -148,10 +148,10 @@ def run_data_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> di
         wrong = [r for r in recs if not isinstance(r, kinds)]
         recs = [r for r in recs if isinstance(r, kinds)]
         kept, rejected = recs, []
+        counts: dict[str, Any] = {}
         if spec.clean and recs:
-            kept, rejected, counts = cleaning.clean_records(recs)
-        else:
-            counts = {}
+            res = cleaning.clean(recs)
+            kept, rejected, counts = res.kept, res.rejected, res.report
         if spec.max_records and len(kept) > spec.max_records:
             kept = kept[: spec.max_records]
         report[role] = {"files": paths, "read": len(recs) + len(wrong), "errors": len(errors),
