@@ -57,7 +57,7 @@ def add_parser(subparsers) -> None:
     k.add_argument("--report", metavar="REPORT.json", help="per-rule counts as JSON")
     k.add_argument("--min-chars", type=int, default=2, help="length rule: fewest characters in a record (2)")
     k.add_argument("--max-chars", type=int, default=16000, help="length rule: most characters in a record (16000)")
-    k.add_argument("--max-repeat", type=float, default=0.8, help="repetition rule: max share of repeated n-grams (0.8)")
+    k.add_argument("--max-repeat", type=float, default=0.9, help="repetition rule: max share of repeated n-grams (0.9)")
     for r in RULES:
         k.add_argument(f"--no-{r.replace('_', '-')}", f"--no-{r}", dest=f"no_{r}", action="store_true",
                        help=f"switch off the {r} rule")
