@@ -259,3 +259,22 @@ def test_nanochatgpt_turn_counts():
     res = read_file(DATA / "nanochatgpt/input60.txt")
     assert all(len(c.messages) == 2 for c in res.records)
     assert re.fullmatch(r"-?\d+", res.records[0].messages[1]["content"])
+
+
+def test_cleaning_the_openai_toy_file_drops_the_banana_loop():
+    from chatforge.data.clean import clean
+
+    res = clean(read_file(DATA / "openai_cookbook/toy_chat_fine_tuning.jsonl").records)
+    assert len(res.kept) == 3
+    ((rec, rule),) = res.rejected
+    assert rec.meta["line"] == 5 and rule in ("length", "repetition")
+    res = clean(read_file(DATA / "openai_cookbook/toy_chat_fine_tuning.jsonl").records, max_chars=10**6)
+    assert [rule for _, rule in res.rejected] == ["repetition"]
+
+
+def test_cleaning_luotuo_fixes_double_escaped_quotes():
+    from chatforge.data.clean import clean
+
+    res = clean(read_file(DATA / "chinese_alpaca_lora/developer_instruction.json").records)
+    assert res.report["rules"]["control_chars"]["fixed"] > 0
+    assert not any('\\"' in m["content"] for r in res.kept for m in r.messages)
