@@ -42,12 +42,12 @@ def format_names() -> list[str]:
 
 @dataclass
 class ReadResult:
-    file: str
     format: str
     kind: str
     records: list[Record] = field(default_factory=list)
     errors: list[ReadError] = field(default_factory=list)
     n_items: int = 0  # items seen in the file (records come from them, or an error does)
+    file: str = ""
 
 
 class FileStream:
@@ -223,7 +223,7 @@ def iter_file(path: str | Path, format: str | None = None, on_error: str = "skip
 def read_file(path: str | Path, format: str | None = None, on_error: str = "skip") -> ReadResult:
     """Read one whole file into memory (see :func:`iter_file` to stream)."""
     stream = FileStream(path, format, on_error)
-    res = ReadResult(stream.path, stream.format.name, stream.format.kind)
+    res = ReadResult(stream.format.name, stream.format.kind, file=stream.path)
     for x in stream:
         (res.errors if isinstance(x, ReadError) else res.records).append(x)
     res.kind = stream.kind
