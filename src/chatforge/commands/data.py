@@ -120,24 +120,28 @@ def inspect_file(path: str, format: str | None = None, tokenizer: Any = None,
     texts_p: list[str] = []
     texts_r: list[str] = []
     sample = None
-    for x in stream:
-        if isinstance(x, ReadError):
-            if max_errors is None or len(out["errors"]) < max_errors:
-                out["errors"].append(x.to_dict())
-            continue
-        if sample is None:
-            sample = to_dict(x)
-        msgs = all_messages(x)
-        resp = responses(x)
-        turns.append(len(msgs))
-        rids = {id(m) for m in resp}
-        prompt_text = "\n".join(m["content"] for m in msgs if id(m) not in rids)
-        prompt_chars.append(len(prompt_text))
-        for m in resp:
-            resp_chars.append(len(m["content"]))
-        if tokenizer is not None:
-            texts_p.append(prompt_text)
-            texts_r.extend(m["content"] for m in resp)
+    try:
+        for x in stream:
+            if isinstance(x, ReadError):
+                if max_errors is None or len(out["errors"]) < max_errors:
+                    out["errors"].append(x.to_dict())
+                continue
+            if sample is None:
+                sample = to_dict(x)
+            msgs = all_messages(x)
+            resp = responses(x)
+            turns.append(len(msgs))
+            rids = {id(m) for m in resp}
+            prompt_text = "\n".join(m["content"] for m in msgs if id(m) not in rids)
+            prompt_chars.append(len(prompt_text))
+            for m in resp:
+                resp_chars.append(len(m["content"]))
+            if tokenizer is not None:
+                texts_p.append(prompt_text)
+                texts_r.extend(m["content"] for m in resp)
+    except DataError as e:  # a file-level failure found while reading: report it like the others
+        out["fatal"] = str(e)
+        return out
     out.update(format=stream.format.name, kind=stream.kind, items=stream.n_items, records=stream.n_records,
                n_errors=stream.n_errors, layout=stream.sniffed.layout, compression=stream.sniffed.compression)
     out["turns"] = _stats(turns)
