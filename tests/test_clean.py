@@ -182,3 +182,10 @@ def test_unknown_rule_is_a_config_error():
 def test_tag_rejected_keeps_a_canonical_record():
     r = tag_rejected(conv("x", "y", id=5), "na_output")
     assert r.meta == {"id": 5, "rejected_by": "na_output"} and r.validate()
+
+
+def test_requests_are_judged_in_the_instruction_not_in_its_input():
+    assert not unfulfillable("Find the missing word from the following lyrics.\n\nSing a song of sorrow,\nAnd tears")
+    assert not unfulfillable("Assign parts of a given task to two people.\n\nCreate an infographic about climate")
+    assert unfulfillable("Summarize the following article:\n\nhttps://www.example.com/story")  # references: anywhere
+    assert unfulfillable("Describe the mood.\n\nLook at this picture and tell me")

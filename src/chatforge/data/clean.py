@@ -27,9 +27,11 @@ Filter rules (scope: "responses" = assistant messages / chosen+rejected / all ra
   ``length``         total characters of all messages outside ``[min_chars, max_chars]``.
   ``unfulfillable``  a user message asks for something a text model cannot do: make an
                      image/photo/logo/video/audio, sing or play music, look at an attached
-                     picture/recording, open/summarise a URL, browse the web -- as a
-                     request (imperative: message/sentence start, or after "please", "can
-                     you" ...). English keyword regexes (plus a few Chinese ones); approximate
+                     picture/recording, open/summarise a URL, browse the web. Requests
+                     (imperatives: at a sentence start, or after "please", "can you" ...)
+                     count in the first paragraph only -- the instruction, not its input;
+                     references to a missing picture or a URL count anywhere.
+                     English keyword regexes (plus a few Chinese ones); approximate
                      by nature: "write a video script", "make a list of movies", "how to
                      design a logo" are *not* matched.
   ``repetition``     the response to learn from loops: more than ``max_repeat`` (0.9) of
@@ -94,7 +96,10 @@ _NOT_TEXT = (r"(?!\s*\()(?!\s*(?:script|title|description|caption|idea|concept|o
 _MEDIA = (r"(?:image|picture|pic|photo(?:graph)?|drawing|painting|illustration|logo|meme|icon|poster|"
           r"infographic|gif|animation|video|clip|movie|film|cartoon|comic|wallpaper|collage|artwork|"
           r"audio|audio\s+clip|sound\s+effect|mp3|wav|voice\s+(?:message|note|recording)|ringtone|soundtrack)")
-_UNFULFILLABLE = re.compile(
+# Requests (imperatives) are looked for in the first paragraph only: in alpaca-shaped data
+# that is the instruction, and the input after it may legitimately say "Sing a song of
+# sorrow" (lyrics to complete) or "Create an infographic" (a task to delegate).
+_REQUEST = re.compile(
     "|".join([
         # make a picture / video / sound
         rf"{_START}(?:draw|paint|sketch|illustrate|create|generate|make|produce|design|render|take|shoot|film|record|edit|"
@@ -102,15 +107,6 @@ _UNFULFILLABLE = re.compile(
         # perform sound
         rf"{_START}(?:play|sing|hum|perform|record)\s+{_FILL}(?:song|music|tune|melody|audio|sound|recording|podcast|"
         rf"piano|guitar|violin|drums|instrument)s?\b{_NOT_TEXT}",
-        # look at / listen to media that is not there
-        r"\b(?:listen\s+to|watch|view|look\s+at|describe|analy[sz]e|caption|identify|examine|interpret)\s+"
-        r"(?:the\s+following|this|these|the\s+attached|the\s+given|the\s+provided|the\s+above|the\s+below|"
-        r"the\s+uploaded|my)\s+(?:[\w-]+\s+)?(?:image|picture|photo(?:graph)?|video|audio|clip|recording|song|"
-        r"painting|drawing|screenshot|x-?ray|scan)s?\b",
-        # open / read a URL
-        r"\b(?:visit|browse|go\s+to|open|access|navigate\s+to|click|check\s+out|read|summari[sz]e|watch|"
-        r"listen\s+to|look\s+at|describe|review|analy[sz]e|scrape|download|fetch|explore)\s+(?:\S+\s+){0,6}?"
-        r"(?:https?://|www\.)",
         # browse the web
         rf"{_START}(?:search|browse)\s+(?:on\s+|in\s+)?(?:the\s+)?(?:web|internet|online)\b",
         # Chinese: (please) draw/generate a picture/video/audio; open a link
@@ -120,6 +116,25 @@ _UNFULFILLABLE = re.compile(
     ]),
     re.IGNORECASE,
 )
+# References to media that is not there, or to a URL to open, anywhere in the message.
+_REFERENCE = re.compile(
+    "|".join([
+        # look at / listen to media that is not there
+        r"\b(?:listen\s+to|watch|view|look\s+at|describe|analy[sz]e|caption|identify|examine|interpret)\s+"
+        r"(?:the\s+following|this|these|the\s+attached|the\s+given|the\s+provided|the\s+above|the\s+below|"
+        r"the\s+uploaded|my)\s+(?:[\w-]+\s+)?(?:image|picture|photo(?:graph)?|video|audio|clip|recording|song|"
+        r"painting|drawing|screenshot|x-?ray|scan)s?\b",
+        # open / read a URL
+        r"\b(?:visit|browse|go\s+to|open|access|navigate\s+to|click|check\s+out|read|summari[sz]e|watch|"
+        r"listen\s+to|look\s+at|describe|review|analy[sz]e|scrape|download|fetch|explore)\s+(?:\S+\s+){0,6}?"
+        r"(?:https?://|www\.)",
+    ]),
+    re.IGNORECASE,
+)
+
+
+def _asks_the_impossible(s: str) -> bool:
+    return _REQUEST.search(s.split("\n\n", 1)[0]) is not None or _REFERENCE.search(s) is not None
 
 @functools.lru_cache(maxsize=1)
 def _punct_table() -> dict[int, str]:
@@ -127,7 +142,7 @@ def _punct_table() -> dict[int, str]:
     (built on first use: ~20 ms, kept out of ``chatforge --help``)."""
     return {i: " " for i in range(0x10000) if unicodedata.category(chr(i))[0] in "PS"}
 
-# Cheap gate in front of _UNFULFILLABLE (a regex of that size costs ~50 us a message):
+# Cheap gate in front of the regexes (a regex of that size costs ~50 us a message):
 # every English branch needs one of these words (or a URL / "web" word) to be present.
 _TRIGGER_WORDS = frozenset(
     w + s for w in (
@@ -148,13 +163,13 @@ def unfulfillable(s: str, words: list | None = None) -> bool:
     """
     low = s.lower()
     if "http" in low or "www." in low:
-        return _UNFULFILLABLE.search(s) is not None
+        return _asks_the_impossible(s)
     if not s.isascii() and any(t in s for t in _ZH_TRIGGERS):
-        return _UNFULFILLABLE.search(s) is not None
+        return _asks_the_impossible(s)
     w = words_of(s) if words is None else words
     if (_TRIGGER_BYTES if s.isascii() else _TRIGGER_WORDS).isdisjoint(w):
         return False
-    return _UNFULFILLABLE.search(s) is not None
+    return _asks_the_impossible(s)
 
 
 _CTRL_BYTES = bytes([*range(0x09), 0x0B, 0x0C, 0x0D, *range(0x0E, 0x20), 0x7F])
