@@ -224,7 +224,7 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "fp32", devic
     elif r.kind == "adapter":
         from peft import PeftModel
 
-        base = load_model(adapter_base(Path(r.path)), dtype=td, device=device)
+        base = load_model(adapter_base(Path(r.path)), dtype=td, device=device, merge_adapter=True)  # adapter on an adapter run
         model = PeftModel.from_pretrained(base, r.path, is_trainable=trainable_adapter)
         if merge_adapter:
             model = model.merge_and_unload()
