@@ -201,8 +201,8 @@ def _as_dict(r) -> dict:
 def _train(stage: str, cfg) -> Path:
     from chatforge.train import dpo, ppo, rm, sft
 
-    mod = {"sft": sft, "rm": rm, "ppo": ppo, "dpo": dpo}[stage]
-    return mod.train(cfg, resume=True)
+    fn = {"sft": sft.train_sft, "rm": rm.train, "ppo": ppo.train, "dpo": dpo.train}[stage]
+    return fn(cfg, resume=True)
 
 
 def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[str], None] = print) -> Path:
