@@ -22,6 +22,7 @@ pipeline; set them in a section only to override.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ class DataSpec:
     format: str | None = None                              # force one reader format for all files
     clean: bool = True                                     # apply `chatforge data clean` rules
     heldout_fraction: float = 0.1                          # carved from `sft` when `heldout` is empty
+    preference_heldout_fraction: float = 0.0               # carved from `preferences` (by record, seeded):
+                                                           # RM/DPO evaluate on it, eval prompts come from it
     max_records: int = 0                                   # per role; 0 = all
 
 
@@ -121,11 +124,13 @@ def stage_inputs(recipe: Recipe, root: Path) -> dict[str, dict[str, Any]]:
     d = root / "data"
     has = set(recipe.stages)
     sft_model = str(root / "sft") if "sft" in has or (root / "sft" / "DONE").exists() else recipe.model
+    # held-out preferences (when the recipe carves them) are what RM and DPO evaluate on
+    pref_eval = [str(d / "preferences_heldout.jsonl")] if recipe.data.preference_heldout_fraction > 0 else []
     return {
         "sft": {"model": recipe.model, "data": [str(d / "sft.jsonl")]},
-        "rm": {"model": sft_model, "data": [str(d / "preferences.jsonl")]},
+        "rm": {"model": sft_model, "data": [str(d / "preferences.jsonl")], "eval_data": pref_eval},
         "ppo": {"model": sft_model, "rewards": [f"rm:{root / 'rm'}"], "data": [str(d / "prompts.jsonl")]},
-        "dpo": {"model": sft_model, "data": [str(d / "preferences.jsonl")]},
+        "dpo": {"model": sft_model, "data": [str(d / "preferences.jsonl")], "eval_data": pref_eval},
     }
 
 
@@ -165,18 +170,21 @@ def run_data_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> di
             log(f"  {role}: {len(wrong)} records of another kind ignored for this role")
         return kept
 
-    sft = load("sft", spec.sft, (Conversation,)) if spec.sft else []
+    sft = load("sft", spec.sft, (Conversation, Preference)) if spec.sft else []
+    # a preference used for SFT teaches its chosen answer (DeepSpeed-Chat's step 1 on hh-rlhf)
+    sft = [r if isinstance(r, Conversation) else Conversation(r.prompt + [r.chosen], dict(r.meta)) for r in sft]
     heldout = load("heldout", spec.heldout, (Conversation,)) if spec.heldout else []
-    if sft and not heldout and spec.heldout_fraction > 0:
-        import random
-
-        idx = list(range(len(sft)))
-        random.Random(recipe.seed).shuffle(idx)
-        k = max(1, int(len(sft) * spec.heldout_fraction))
-        hold = set(idx[:k])
-        heldout = [r for i, r in enumerate(sft) if i in hold]
-        sft = [r for i, r in enumerate(sft) if i not in hold]
+    if sft and not heldout and spec.heldout_fraction > 0 and not spec.preference_heldout_fraction:
+        sft, heldout = _split(sft, spec.heldout_fraction, recipe.seed)
     prefs = load("preferences", spec.preferences, (Preference, Ranking)) if spec.preferences else []
+    prefs_heldout: list = []
+    if prefs and spec.preference_heldout_fraction > 0:
+        prefs, prefs_heldout = _split(prefs, spec.preference_heldout_fraction, recipe.seed)
+        write_jsonl(prefs_heldout, out / "preferences_heldout.jsonl")
+        log(f"  preferences_heldout: {len(prefs_heldout)} records -> {out / 'preferences_heldout.jsonl'}")
+        if not heldout:  # evaluate on the held-out prompts, with the preferred answer as reference
+            heldout = [Conversation(r.prompt + [r.chosen if isinstance(r, Preference) else r.responses[0]],
+                                    dict(r.meta)) for r in prefs_heldout]
     prompts_src = load("prompts", spec.prompts, (Prompt, Conversation, Preference, Ranking)) if spec.prompts else []
     prompts = [r if isinstance(r, Prompt) else Prompt(prompt_of(r), dict(r.meta)) for r in prompts_src]
     if not prompts and prefs:
@@ -189,6 +197,16 @@ def run_data_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> di
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     (out / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     return report
+
+
+def _split(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded split by record: (kept, held out), both in original order."""
+    import random
+
+    idx = list(range(len(records)))
+    random.Random(seed).shuffle(idx)
+    hold = set(idx[: max(1, int(len(records) * fraction))])
+    return ([r for i, r in enumerate(records) if i not in hold], [r for i, r in enumerate(records) if i in hold])
 
 
 def _as_dict(r) -> dict:
@@ -213,8 +231,12 @@ def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[s
     configs = {s: stage_config(recipe, s, root, **inputs[s]) for s in ("sft", "rm", "ppo", "dpo") if s in stages}
     t0 = time.time()
     timings: dict[str, float] = {}
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     for stage in stages:
         folder = root / stage
+        if distributed and stage in ("data", "eval") and not (folder / "DONE").exists():
+            raise ConfigError(f"run the {stage} stage without a launcher (plain `chatforge pipeline ... --only {stage}`); "
+                              f"launch only the training stages with accelerate/torchrun")
         if (folder / "DONE").exists():
             log(f"[{stage}] done already ({folder}); skipped")
             continue
