@@ -56,7 +56,7 @@ class Completion:
     finish_reason: str  # "eos" | "stop" | "length"
 
 
-def default_eos_ids(model, tokenizer) -> list[int]:
+def default_eos_ids(model, tokenizer, template: str = "auto") -> list[int]:
     """Tokenizer eos + generation-config eos + the chat template's end-of-turn token(s)."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
@@ -64,6 +64,12 @@ def default_eos_ids(model, tokenizer) -> list[int]:
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if gen_eos is not None:
         ids.update([int(gen_eos)] if isinstance(gen_eos, int) else [int(i) for i in gen_eos])
+    try:
+        from chatforge.data.templates import end_of_turn_ids
+
+        ids.update(int(i) for i in end_of_turn_ids(tokenizer, template))
+    except Exception:  # no usable template: the well-known markers below still apply
+        pass
     special = set(getattr(tokenizer, "all_special_tokens", []))
     special.update(str(t) for t in getattr(tokenizer, "added_tokens_encoder", {}))
     vocab = tokenizer.get_vocab()
@@ -168,12 +174,16 @@ class Engine:
 
     ``fast``: "auto" uses the fast Llama decoder when the model is a plain Llama-architecture
     model (not PEFT-wrapped), True requires it, False always uses the generic decoder.
+    ``template``: the chat template of :meth:`chat` (see :func:`chatforge.data.templates.get_template`).
     """
 
-    def __init__(self, model, tokenizer, eos_token_ids: list[int] | None = None, fast: bool | str = "auto"):
+    def __init__(self, model, tokenizer, eos_token_ids: list[int] | None = None, fast: bool | str = "auto",
+                 template: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
-        self.eos_token_ids = sorted(set(eos_token_ids)) if eos_token_ids is not None else default_eos_ids(model, tokenizer)
+        self.template = template
+        self.eos_token_ids = (sorted(set(eos_token_ids)) if eos_token_ids is not None
+                              else default_eos_ids(model, tokenizer, template))
         if not self.eos_token_ids:
             raise ConfigError("the tokenizer has no eos token: pass eos_token_ids to Engine")
         pad = tokenizer.pad_token_id
@@ -221,17 +231,24 @@ class Engine:
                           lambda: [r.completion(self.tokenizer, cfg.stop, cfg.logprobs) for r in rows])
 
     def chat(self, conversations: list[list[dict]], cfg: SamplingConfig | None = None,
-             on_delta: DeltaCallback | None = None, **template_kwargs) -> list[Completion]:
-        """Reply to each conversation (OpenAI-style ``messages``) via the chat template."""
-        return self.generate([self.encode_chat(c, **template_kwargs) for c in conversations], cfg, on_delta)
+             on_delta: DeltaCallback | None = None) -> list[Completion]:
+        """Reply to each conversation (OpenAI-style ``messages``) via the chat template; the
+        template's stop strings (e.g. the next user header) are added to ``cfg.stop``."""
+        cfg = self.chat_config(cfg or SamplingConfig())
+        return self.generate([self.encode_chat(c) for c in conversations], cfg, on_delta)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
-        """Token ids of ``messages`` rendered with the tokenizer's chat template."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError("the tokenizer has no chat template: generate from token ids instead")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt, **template_kwargs)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Prompt ids of ``messages`` ending with the generation prompt (as training renders them)."""
+        from chatforge.data.tokenize import encode_prompt
+
+        return encode_prompt(self.tokenizer, messages, self.template)
+
+    def chat_config(self, cfg: SamplingConfig) -> SamplingConfig:
+        """``cfg`` plus the template's stop strings (end of turn written as text, next user header)."""
+        from chatforge.data.templates import stop_strings
+
+        extra = [s for s in stop_strings(self.tokenizer, self.template) if s not in cfg.stop]
+        return cfg.replace(stop=[*cfg.stop, *extra]) if extra else cfg
 
     @torch.inference_mode()
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:

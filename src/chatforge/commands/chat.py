@@ -1,0 +1,59 @@
+"""``chatforge chat``: talk to a model in the terminal (or from a script).
+
+    chatforge chat smollm2
+    chatforge chat runs/ppo --persona pirate.yaml --temperature 0.8
+    echo "What is 2 + 2?" | chatforge chat runs/sft --temperature 0
+    chatforge chat tiny --message "Hi" --message "And then?"
+"""
+
+from __future__ import annotations
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("chat", help="chat with a model in the terminal (streams, /help for commands)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", default="smollm2",
+                   help="smollm2 (default), tiny, a run folder, an HF model dir, an adapter dir or a .gguf")
+    p.add_argument("--system", metavar="TEXT", help="system prompt (the assistant's context / persona)")
+    p.add_argument("--persona", metavar="FILE", help="persona file: plain text, or YAML with name/description")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    p.add_argument("--stop", action="append", default=[], metavar="WORD", help="stop a reply at WORD (repeatable)")
+    p.add_argument("--seed", type=int, help="sampling seed (reproducible replies)")
+    p.add_argument("--beams", type=int, default=1, help="beam search with N beams (no streaming)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: > 1 favours longer replies")
+    p.add_argument("--message", action="append", metavar="TEXT",
+                   help="send TEXT and print the reply, non-interactively (repeatable: one conversation)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="weights dtype (auto: bf16 on CPUs with native bf16, else fp32)")
+    p.set_defaults(func=run)
+
+
+def build_session(args):
+    """Validate the options (before loading anything), then load the model."""
+    from chatforge.chat.session import ChatSession, load_engine, persona_prompt
+    from chatforge.generate.sampling import SamplingConfig
+
+    cfg = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_tokens,
+                         stop=list(args.stop), seed=args.seed, num_beams=args.beams,
+                         length_penalty=args.length_penalty)
+    parts = [persona_prompt(args.persona)] if args.persona else []
+    if args.system:
+        parts.append(args.system)
+    from chatforge.models.load import check_model_exists
+
+    check_model_exists(args.model)
+    return ChatSession(load_engine(args.model, args.dtype), system="\n\n".join(parts) or None, cfg=cfg)
+
+
+def run(args) -> int:
+    from chatforge.chat.repl import run as run_repl
+
+    session = build_session(args)
+    run_repl(session, messages=args.message)
+    return 0

@@ -1,0 +1,235 @@
+"""The terminal chat: history fitting, /set parsing, personas, the non-interactive mode (a
+subprocess) and the interactive REPL driven through a pseudo-terminal (pexpect)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatforge.chat.session import ChatSession, fit_history, parse_settings, persona_prompt
+from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.generate.engine import Engine, SamplingConfig
+from chatforge.models.tiny import tiny_model, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+CHATFORGE = [sys.executable, "-m", "chatforge.cli"]
+
+
+def chatty_tiny():
+    """The tiny model, edited so it never ends a reply: hidden dimension 0 is a constant 10
+    (no layer writes to it) and the eos tokens' embedding reads it with weight -100, so
+    their (tied) logits are hugely negative. Replies then run to max_tokens."""
+    model = tiny_model()
+    tok = tiny_tokenizer()
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 10.0
+        emb[[tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")], 0] = -100.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def chatty_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chatty")
+    model, tok = chatty_tiny()
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def engine():
+    model, tok = chatty_tiny()
+    return Engine(model, tok)
+
+
+def test_chatty_model_never_stops(engine):
+    c = engine.generate([engine.encode_chat([{"role": "user", "content": "hi"}])],
+                        SamplingConfig(max_new_tokens=300, seed=0))[0]
+    assert c.finish_reason == "length"
+
+
+# ---------------------------------------------------------------- history within the context
+def test_fit_history_keeps_system_and_drops_oldest_turns():
+    system = [{"role": "system", "content": "S" * 10}]
+    hist = []
+    for i in range(5):
+        hist += [{"role": "user", "content": f"u{i}" * 5}, {"role": "assistant", "content": f"a{i}" * 5}]
+    hist.append({"role": "user", "content": "last"})
+
+    def count(msgs):
+        return sum(len(m["content"]) for m in msgs)
+
+    assert fit_history(system, hist, 10_000, count) == hist
+    kept = fit_history(system, hist, 10 + 4 + 2 * 20, count)  # room for two turns + the new message
+    assert kept == hist[-5:] and kept[0]["content"].startswith("u3")
+    assert fit_history(system, hist, 14, count) == hist[-1:]
+    with pytest.raises(ChatforgeError, match="too long"):
+        fit_history(system, hist, 13, count)
+
+
+def test_session_trims_to_context_minus_max_tokens(engine):
+    s = ChatSession(engine, system="You are a pirate.", cfg=SamplingConfig(max_new_tokens=1900, seed=0))
+    budget = engine.max_context - 1900
+    assert budget == 2048 - 1900
+    for i in range(6):
+        s.history += [{"role": "user", "content": f"question number {i} " * 4},
+                      {"role": "assistant", "content": f"answer number {i} " * 4}]
+    ids = s.prompt_for("and the last question?")
+    assert len(ids) <= budget
+    assert s.history[0]["role"] == "user" and s.dropped > 0
+    assert "question number 0" not in engine.tokenizer.decode(ids)
+    text = engine.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a pirate.") and "and the last question?" in text
+    assert "question number 5" in text  # the most recent turn survives
+    s.commit(None, "arr")
+    assert s.history[-2:] == [{"role": "user", "content": "and the last question?"},
+                              {"role": "assistant", "content": "arr"}]
+
+
+# ---------------------------------------------------------------- /set, personas
+def test_parse_settings():
+    cfg = SamplingConfig()
+    new = parse_settings("temperature=0.7 top_p=0.9 max_tokens=64 top_k=40 seed=3 beams=2", cfg)
+    assert (new.temperature, new.top_p, new.max_new_tokens, new.top_k, new.seed, new.num_beams) == (0.7, 0.9, 64, 40, 3, 2)
+    assert cfg.temperature == 1.0  # the old config is untouched
+    assert parse_settings("seed=none", new).seed is None
+    for bad, msg in [("top_p=1.5", "top_p"), ("tempreature=1", "unknown setting"), ("max_tokens=ten", "integer"),
+                     ("temperature", "key=value"), ("max_tokens=0", "max_new_tokens"), ("", "nothing to set")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_settings(bad, cfg)
+
+
+def test_persona_files(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("You are a grumpy cat.\n")
+    assert persona_prompt(txt) == "You are a grumpy cat."
+    y = tmp_path / "p.yaml"
+    y.write_text("name: Captain Byte\ndescription: A pirate who loves computers.\nrules: [Say arr., Be brief.]\n")
+    p = persona_prompt(y)
+    assert p.startswith("You are Captain Byte.\nA pirate who loves computers.") and "- Be brief." in p
+    (tmp_path / "bad.yaml").write_text("nme: x\n")
+    with pytest.raises(ConfigError, match="unknown keys nme"):
+        persona_prompt(tmp_path / "bad.yaml")
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml:"):
+        persona_prompt(tmp_path / "broken.yaml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        persona_prompt(tmp_path / "missing.txt")
+
+
+# ---------------------------------------------------------------- the command, non-interactive
+def _run(args, stdin=""):
+    return subprocess.run(CHATFORGE + args, input=stdin, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_non_interactive_stdin_and_messages(chatty_dir, tmp_path):
+    out = tmp_path / "t.json"
+    r = _run(["chat", str(chatty_dir), "--max-tokens", "6", "--seed", "1"],
+             stdin=f"Hello\n/set temperature=0 max_tokens=4\n\nWhat is 2 + 2?\n/bogus\n/save {out}\n")
+    assert r.returncode == 0, r.stderr
+    assert "temperature=0.0" in r.stderr and "unknown command /bogus" in r.stderr  # feedback goes to stderr
+    msgs = json.loads(out.read_text())
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert msgs[0]["content"] == "Hello" and msgs[2]["content"] == "What is 2 + 2?"
+    assert r.stdout == msgs[1]["content"] + "\n" + msgs[3]["content"] + "\n"  # stdout: the replies only
+    tok = tiny_tokenizer()
+    assert 0 < len(tok.encode(msgs[3]["content"])) <= 5
+
+    a = _run(["chat", str(chatty_dir), "--temperature", "0", "--max-tokens", "8", "--message", "Hi", "--message", "Again"])
+    b = _run(["chat", str(chatty_dir), "--temperature", "0", "--max-tokens", "8", "--message", "Hi", "--message", "Again"])
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.count("\n") >= 2
+
+
+def test_chat_bad_options_are_one_line_errors(tmp_path):
+    r = _run(["chat", "tiny", "--top-p", "2", "--message", "x"])
+    assert r.returncode == 2 and "top_p" in r.stderr and "Traceback" not in r.stderr
+    r = _run(["chat", str(tmp_path / "nope"), "--message", "x"])
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- the REPL in a pseudo-terminal
+def test_repl_in_a_terminal(chatty_dir, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
+    child = pexpect.spawn(sys.executable, ["-m", "chatforge.cli", "chat", str(chatty_dir), "--max-tokens", "8"],
+                          cwd=str(REPO), env=env, encoding="utf-8", timeout=120)
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("Hello there")
+        child.expect_exact(">>> ")
+
+        def ask(text: str) -> str:
+            child.sendline(text)
+            child.expect_exact(">>> ")
+            return child.before.split(text, 1)[1].strip("\r\n")
+
+        # /set is obeyed: greedy replies are identical after /reset
+        assert "temperature=0.0" in ask("/set temperature=0 max_tokens=6")
+        assert "error: top_p" in ask("/set top_p=5")
+        assert "temperature=0.0" in ask("/set")  # a bad /set changed nothing
+        first = ask("Name a colour")
+        assert "conversation reset" in ask("/reset")
+        assert ask("Name a colour") == first
+
+        # Ctrl-C stops a long reply, not the session
+        ask("/set temperature=1 max_tokens=1900")
+        child.sendline("Tell me a very long story")
+        child.expect_exact("Tell me a very long story")
+        time.sleep(1.0)
+        child.sendintr()
+        child.expect_exact("[interrupted]", timeout=60)
+        child.expect_exact(">>> ")
+        assert "conversation reset" in ask("/reset")
+        assert "max_tokens=5" in ask("/set max_tokens=5 temperature=0")
+        reply = ask("Still there?")
+        assert reply and "[interrupted]" not in reply
+        saved = tmp_path / "chat.json"
+        assert "saved 2 messages" in ask(f"/save {saved}")
+        assert json.loads(saved.read_text())[0] == {"role": "user", "content": "Still there?"}
+
+        # Ctrl-C at the prompt is harmless; Ctrl-D quits
+        child.sendintr()
+        child.expect_exact(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_repl_interrupted_reply_is_kept(chatty_dir, tmp_path):
+    """What was shown before Ctrl-C stays in the history (the model sees what the user saw)."""
+    pexpect = pytest.importorskip("pexpect")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
+    child = pexpect.spawn(sys.executable, ["-m", "chatforge.cli", "chat", str(chatty_dir), "--max-tokens", "1900",
+                                           "--system", "Be verbose."],
+                          cwd=str(REPO), env=env, encoding="utf-8", timeout=120)
+    saved = tmp_path / "t.json"
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("Go on and on")
+        child.expect_exact("Go on and on")
+        time.sleep(1.0)
+        child.sendintr()
+        child.expect_exact("[interrupted]", timeout=60)
+        child.expect_exact(">>> ")
+        child.sendline(f"/save {saved}")
+        child.expect_exact(">>> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    msgs = json.loads(saved.read_text())
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+    assert msgs[0]["content"] == "Be verbose." and len(msgs[2]["content"]) > 0
