@@ -236,9 +236,20 @@ class MasterWeights:
             p.grad = None
 
     def to_master(self) -> None:
-        """Before clipping and the optimizer step: fp32 weights, fp32 grads."""
+        """Before clipping and the optimizer step: fp32 weights, fp32 grads -- averaged over
+        the ranks here, in fp32 (the loop runs every micro-batch under ``no_sync``: DDP
+        would only reduce what is still in ``.grad`` at the last one)."""
+        import torch.distributed as dist
+
         self.use_master()
-        for p, g in zip(self.params, self.grads):
+        grads = [g if g is not None else torch.zeros_like(m) for g, m in zip(self.grads, self.master)]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            for h in [dist.all_reduce(g, async_op=True) for g in grads]:
+                h.wait()
+            for g in grads:
+                g.div_(world)
+        for p, g in zip(self.params, grads):
             p.grad = g
         self.grads = [None] * len(self.params)
 
@@ -398,7 +409,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False,
         n_step = max(1.0, counts[0].item())
         ce_step = 0.0
         for j, b in enumerate(micro):
-            sync = acc.no_sync(loss_fn) if j < len(micro) - 1 else nullcontext()
+            last_micro = j == len(micro) - 1 and masters is None  # masters reduce their fp32 grads themselves
+            sync = nullcontext() if last_micro else acc.no_sync(loss_fn)
             with sync:
                 ce, _ = loss_fn(**b)
                 # DDP averages gradients over ranks: scale by world so the result is sum(ce)/N_step
