@@ -171,3 +171,283 @@ def test_rloo_leave_one_out_baseline():
         pm.rloo_advantages(r, k=3)
     with pytest.raises(ValueError):
         pm.rloo_advantages(r, k=1)
+
+
+# ================================================================ rule rewards
+from chatforge.train import reward_fns as rf  # noqa: E402
+
+
+def test_rule_rewards():
+    P = [[{"role": "user", "content": "What is 17 + 25?"}], "What is 6 x 7?", [{"role": "user", "content": "hi"}]]
+    assert rf.keyword(P, ["The sky is Blue.", "bluetooth", "no"], word="blue") == [1.0, 0.0, 0.0]
+    assert rf.keyword(P, ["blue blue sky", "", "x"], per_word=True) == [pytest.approx(2 / 3), 0.0, 0.0]
+    assert rf.length_target(P, ["a b c d", "a b", " ".join(["w"] * 12)], target=4) == [0.0, -0.5, -1.0]
+    assert rf.non_repetition(P, ["a b c a b c", "a b c d", "a b"], n=3) == [0.75, 1.0, 1.0]
+    assert rf.exact_answer(P, ["It is 42.", "41", "7"]) == [1.0, 0.0, 0.0]  # 17+25, 6x7, no question
+    assert rf.exact_answer(P, ["no", "6 x 7 = 42", "7"]) == [0.0, 0.0, 0.0]  # the FIRST number counts
+    assert rf.exact_answer(P, ["1,000", "x", "7"], answers=[1000, 3, "7"]) == [1.0, 0.0, 1.0]
+
+
+# ================================================================ reward plumbing
+from chatforge.errors import ChatforgeError, ConfigError  # noqa: E402
+from chatforge.train import rewards as rw  # noqa: E402
+
+
+def test_parse_reward_spec():
+    s = rw.parse_reward_spec("fn:chatforge.train.reward_fns:keyword?word=sky&per_word=true@0.5")
+    assert (s.kind, s.target, s.weight, s.options) == ("fn", "chatforge.train.reward_fns:keyword", 0.5,
+                                                      {"word": "sky", "per_word": True})
+    s = rw.parse_reward_spec("rm:/runs/a@b/rm")  # an '@' inside a path is not a weight
+    assert (s.target, s.weight) == ("/runs/a@b/rm", 1.0)
+    assert rw.parse_reward_spec("clf:some/model:POSITIVE@-2").weight == -2.0
+    for bad in ("foo:x", "rm:", "fn:nomodule", "clf:modelonly", "fn:a:b@nan"):
+        with pytest.raises(ConfigError):
+            rw.parse_reward_spec(bad)
+
+
+def test_rewards_combine_weights_whiten_clip_and_missing_eot(tmp_path):
+    f = tmp_path / "my_reward.py"
+    f.write_text("def score(prompts, responses, bonus=0.0):\n    return [len(r) + bonus for r in responses]\n")
+    suite = rw.build_rewards([f"fn:{f}:score?bonus=1@2", "fn:chatforge.train.reward_fns:keyword@-1"])
+    P = [[{"role": "user", "content": "q"}]] * 3
+    out = suite(P, ["blue", "ab", ""], [True, True, False])
+    # 2 * (len + 1) - 1 * contains("blue")
+    torch.testing.assert_close(out.raw, torch.tensor([2 * 5.0 - 1, 2 * 3.0, 2 * 1.0]))
+    assert set(out.parts) == {"fn_score", "fn_keyword"}
+    cut = rw.build_rewards([f"fn:{f}:score"], clip=2.5, missing_eot_reward=-1.0)
+    torch.testing.assert_close(cut(P, ["blue", "ab", "xyz"], [True, True, False]).scores, torch.tensor([2.5, 2.0, -1.0]))
+    w = rw.build_rewards([f"fn:{f}:score"], whiten=True)
+    s1 = w(P, ["a", "bbb", "ccccc"]).scores
+    torch.testing.assert_close(s1, torch.tensor([-1.2247, 0.0, 1.2247]), atol=1e-4, rtol=1e-4)
+    st = w.state_dict()
+    w(P, ["a" * 50] * 3, update_stats=False)  # evaluation does not move the statistics
+    assert w.state_dict() == st
+    with pytest.raises(ConfigError):
+        rw.build_rewards(["fn:chatforge.train.reward_fns:nope"])
+    bad = rw.build_rewards([lambda p, r: [1.0]])
+    with pytest.raises(ChatforgeError):
+        bad(P, ["a", "b", "c"])
+
+
+def test_classifier_reward_reads_the_label_logit(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from chatforge.models.tiny import tiny_config, tiny_tokenizer
+
+    cfg = tiny_config()
+    cfg.num_labels, cfg.id2label, cfg.label2id = 2, {0: "NEGATIVE", 1: "POSITIVE"}, {"NEGATIVE": 0, "POSITIVE": 1}
+    torch.manual_seed(0)
+    clf = LlamaForSequenceClassification(cfg).eval()
+    tok = tiny_tokenizer()
+    clf.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    texts = ["The sky is blue.", "I like tea"]
+    with torch.no_grad():
+        ref = [clf(**tok([t], return_tensors="pt")).logits[0] for t in texts]
+    r = rw.build_reward(f"clf:{tmp_path / 'clf'}:positive")
+    got = r([[{"role": "user", "content": "x"}]] * 2, texts)
+    assert got == pytest.approx([x[1].item() for x in ref], abs=1e-4)
+    lp = rw.build_reward(f"clf:{tmp_path / 'clf'}:0?output=logprob")(["x", "y"], texts)
+    assert lp == pytest.approx([torch.log_softmax(x, -1)[0].item() for x in ref], abs=1e-4)
+    with pytest.raises(ConfigError):
+        rw.build_reward(f"clf:{tmp_path / 'clf'}:NEUTRAL")
+
+
+def test_reward_model_reward_matches_the_rm_scorer(tmp_path):
+    from chatforge.models.heads import RewardModel, reward_pad_token
+    from chatforge.models.tiny import tiny_model, tiny_tokenizer
+    from chatforge.train.rm import load_scorer
+
+    tok = tiny_tokenizer()
+    pad = reward_pad_token(tok)
+    torch.manual_seed(0)
+    RewardModel.from_causal_lm(tiny_model(), pad_token_id=pad).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    P = [[{"role": "user", "content": "What colour is the sky?"}]] * 2
+    R = ["It is blue.", "Green, obviously"]
+    got = rw.build_rewards([f"rm:{tmp_path / 'rm'}"])(P, R).raw.tolist()
+    want = load_scorer(tmp_path / "rm").score(P, R)
+    assert got == pytest.approx(want, abs=1e-5)
+    assert got[0] != pytest.approx(got[1])
+
+
+# ================================================================ experience: layout and exactness
+from chatforge.train import experience as xp  # noqa: E402
+
+
+def _episodes(tok, n=3, seed=0):
+    from chatforge.data.tokenize import encode_prompt
+
+    prompts = [[{"role": "user", "content": c}] for c in ("Hi", "What colour is the sky today?", "Tell me a joke")]
+    g = torch.Generator().manual_seed(seed)
+    eps = []
+    for i in range(n):
+        p = prompts[i % 3]
+        r = torch.randint(3, 500, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
+        eps.append(xp.Episode(p, encode_prompt(tok, p), r, "x", True, group=i))
+    return eps
+
+
+def test_policy_value_logprobs_match_a_plain_forward_of_each_sequence():
+    from chatforge.models.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model().eval(), tiny_tokenizer()
+    eps = _episodes(tok, 5)
+    pv = xp.PolicyValue(model, None, temperature=0.7)
+    b = xp.collate(eps, tok.pad_token_id)
+    with torch.no_grad():
+        out = pv(b, values=False)
+        for i, e in enumerate(eps):
+            ids = torch.tensor([e.prompt_ids + e.response_ids])
+            logits = model(ids).logits[0, len(e.prompt_ids) - 1:-1] / 0.7
+            want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(e.response_ids)[:, None])[:, 0]
+            torch.testing.assert_close(out.logp[i, :len(e.response_ids)], want, atol=1e-5, rtol=1e-5)
+    assert b.mask.sum().item() == sum(len(e.response_ids) for e in eps)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ratio_is_exactly_one_on_the_first_minibatch(bf16):
+    """Old log-probs from the experience pass == new log-probs of the first update forward,
+    bit for bit (same weights, same micro-batch, same padding), with grad on and off."""
+    from chatforge.models.heads import ScalarHead
+    from chatforge.models.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model().eval(), tiny_tokenizer()
+    pv = xp.PolicyValue(model, ScalarHead(model.config.hidden_size, bias=True), 1.0)
+    eps = _episodes(tok, 6)
+    order = xp.minibatches(len(eps), 3, seed=1)
+    ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else xp.nullcontext
+    old, old_v = xp.teacher_forced(pv, eps, order, tok.pad_token_id, "cpu", ac)
+    b = xp.collate([eps[i] for i in order[0]], tok.pad_token_id)
+    with ac():
+        out = pv(b, values=True)
+    R = b.response.shape[1]
+    assert out.logp.requires_grad
+    assert torch.equal(out.logp.detach().float() * b.mask, old[order[0], :R] * b.mask)
+    assert torch.equal(out.values.detach() * b.mask, old_v[order[0], :R] * b.mask)
+    lp = pm.policy_loss(out.logp, old[order[0], :R], torch.randn(len(order[0]), R), b.mask)
+    assert lp.ratio_mean.item() == 1.0 and lp.clip_frac.item() == 0.0
+
+
+def test_sampler_logprobs_agree_with_the_teacher_forced_pass():
+    from chatforge.data.tokenize import encode_prompt
+    from chatforge.generate.engine import Engine, SamplingConfig
+    from chatforge.models.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model().eval(), tiny_tokenizer()
+    prompts = [[{"role": "user", "content": c}] for c in ("Hi", "What colour is the sky today?")]
+    ids = [encode_prompt(tok, p) for p in prompts]
+    eps = xp.rollout(Engine(model, tok), prompts, ids, SamplingConfig(max_new_tokens=8, seed=0, logprobs=True), k=2)
+    assert [e.group for e in eps] == [0, 0, 1, 1] and eps[1].prompt == prompts[0]
+    lp, _ = xp.teacher_forced(xp.PolicyValue(model), eps, [[0, 1, 2, 3]], tok.pad_token_id, "cpu", values=False)
+    for i, e in enumerate(eps):
+        torch.testing.assert_close(lp[i, :len(e.response_ids)], torch.tensor(e.sampler_logprobs), atol=1e-4, rtol=1e-4)
+
+
+# ================================================================ the trainer on the tiny model
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+DEMO_PROMPTS = str(Path(__file__).resolve().parents[1] / "src/chatforge/data/demo/prompts.jsonl")
+# a dense rule reward a random tiny model finds by sampling: 60 characters in 12 tokens
+# needs long tokens, and each choice of a longer token is a small step up
+LENGTH_REWARD = "fn:chatforge.train.reward_fns:length_target?target=60&unit=chars"
+
+
+def _cfg(tmp_path, name, *over):
+    from chatforge.config import load_config, parse_overrides
+    from chatforge.train.ppo import PPOConfig
+
+    over_d = parse_overrides([
+        "model=tiny", f"data=[{DEMO_PROMPTS}]", f"out={tmp_path / name}", "response_len=12", "lr=3e-3",
+        "kl_coef=0.01", "ppo_epochs=4", "batch_size=4", "precision=fp32", "final_eval=false", "save_every=100", *over])
+    return load_config(PPOConfig, overrides={"rewards": [LENGTH_REWARD], **over_d})
+
+
+def _metrics(run):
+    return [json.loads(line) for line in open(Path(run) / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,over", [("ppo", ["rollout_batch=16"]), ("rloo", ["rollout_batch=4", "samples_per_prompt=4"])])
+def test_rule_reward_rises_on_the_tiny_model(tmp_path, algo, over):
+    from chatforge.train.ppo import train
+
+    cfg = _cfg(tmp_path, algo, f"algo={algo}", "max_steps=15", *over)
+    train(cfg)
+    rows = _metrics(cfg.out)
+    r = [row["reward"] for row in rows]
+    first, last = sum(r[:3]) / 3, sum(r[-3:]) / 3
+    assert last > first + 0.1, r
+    assert all(row["ratio_dev0"] == 0.0 for row in rows)  # every step: ratio exactly 1 before the first update
+    assert rows[0]["kl"] == 0.0 and all(math.isfinite(row["kl"]) for row in rows)
+    assert (Path(cfg.out) / "reward_kl.png").exists() and (Path(cfg.out) / "samples.jsonl").exists()
+    summary = json.loads((Path(cfg.out) / "summary.json").read_text())
+    assert summary["reward_last"] > summary["reward_first"] and summary["peak_rss_mb"] > 0
+
+
+def test_lora_reference_is_the_adapter_off_start_model(tmp_path):
+    """After PPO with LoRA, switching the adapter off gives the start model's log-probs
+    exactly, while the adapter itself has moved the policy."""
+    from chatforge.models.load import load
+    from chatforge.models.tiny import tiny_model, tiny_tokenizer
+    from chatforge.train.ppo import train
+
+    cfg = _cfg(tmp_path, "lora", "lora=true", "lr=1e-2", "max_steps=2", "rollout_batch=4")
+    out = train(cfg)
+    policy, _ = load(out)
+    policy.eval()
+    tok = tiny_tokenizer()
+    eps = _episodes(tok, 4)
+    pv = xp.PolicyValue(policy, None, 1.0)
+    order = [[0, 1, 2, 3]]
+    ref, _ = xp.teacher_forced(pv, eps, order, tok.pad_token_id, "cpu", values=False, ref_context=policy.disable_adapter)
+    pol, _ = xp.teacher_forced(pv, eps, order, tok.pad_token_id, "cpu", values=False)
+    start, _ = xp.teacher_forced(xp.PolicyValue(tiny_model().eval()), eps, order, tok.pad_token_id, "cpu", values=False)
+    m = xp.response_mask(eps).bool()
+    assert torch.equal(ref[m], start[m])
+    assert (pol[m] - start[m]).abs().max() > 1e-3
+    assert json.loads((Path(cfg.out) / "summary.json").read_text())["layout"].startswith("lora")
+
+
+def test_resume_continues_with_value_head_and_kl_controller(tmp_path):
+    from chatforge.runs import latest_checkpoint
+    from chatforge.train.ppo import train
+
+    over = ["max_steps=2", "save_every=1", "adaptive_kl=true", "kl_target=0.01", "kl_horizon=10", "rollout_batch=4",
+            "ppo_epochs=1"]
+    train(_cfg(tmp_path, "r", *over))
+    full = _metrics(tmp_path / "r")
+    ck = latest_checkpoint(tmp_path / "r")
+    assert (ck / "value_head.safetensors").exists()
+    state = torch.load(ck / "trainer_state" / "state.pt", weights_only=False)
+    beta_after_2 = state["extra"]["kl_ctl"]["value"]
+    assert beta_after_2 != 0.01  # the adaptive controller moved
+    train(_cfg(tmp_path, "r", *over[1:], "max_steps=3"), resume=True)
+    rows = _metrics(tmp_path / "r")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[:2] == full
+    assert rows[2]["kl_coef"] == pytest.approx(beta_after_2)  # the controller state came back
+
+
+def test_cli_ppo_end_to_end_and_errors(tmp_path, capsys):
+    from chatforge.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["ppo", "--policy", "tiny", "--reward", LENGTH_REWARD, "--reward", "fn:chatforge.train.reward_fns:keyword@0.5",
+               "--prompts", DEMO_PROMPTS, "--out", str(out), "--algo", "rloo", "max_steps=2", "rollout_batch=2",
+               "response_len=6", "eval_prompts=3", "eval_kl_prompts=2", "precision=fp32"])
+    assert rc == 0
+    for f in ("metrics.jsonl", "summary.json", "reward_kl.png", "samples.jsonl", "eval.json", "config.yaml", "DONE"):
+        assert (out / f).exists(), f
+    assert (out / "model").is_dir()
+    rows = _metrics(out)
+    assert {"reward", "reward/fn_length_target", "reward/fn_keyword", "kl", "entropy", "clip_frac", "approx_kl",
+            "response_len", "eot_rate", "tokens_per_s"} <= set(rows[-1])
+    ev = json.loads((out / "eval.json").read_text())
+    assert {"reward_policy", "reward_start", "rep_ngram_policy", "kl_eval"} <= set(ev)
+    capsys.readouterr()
+    assert main(["ppo", "--policy", "tiny", "--reward", "nope:x", "--prompts", DEMO_PROMPTS, "--out", str(tmp_path / "e")]) == 2
+    assert "expected rm:RUN" in capsys.readouterr().err
+    assert main(["ppo", "--policy", "tiny", "--reward", LENGTH_REWARD, "--prompts", DEMO_PROMPTS,
+                 "--out", str(tmp_path / "e"), "--algo", "rloo", "samples_per_prompt=1"]) == 2
