@@ -374,3 +374,35 @@ def test_tokenize_to_dataset_cached_and_equal(tok, tmp_path):
 
 def plain_examples(recs, tok):
     return build_sft_examples(recs, tok, 96, template="chatml", pack=False)[0]
+
+
+# -- the fast paths agree with the general one -------------------------------------------------------
+
+@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("train_on", ["assistant", "last_assistant", "all"])
+def test_compiled_plans_equal_general_path(tok, name, train_on):
+    """Plans (pieces compiled per role sequence) == render + cut at specials + char spans."""
+    encoder = get_encoder(tok, name, train_on)
+    rnd = random.Random(f"{name}{train_on}")
+    chats = [random_chat(rnd) for _ in range(60)]
+    fast = encoder.encode_many(chats)
+    general = encoder.encode_rendered([encoder.render(c) for c in chats])
+    assert [(e.input_ids, e.labels, e.turn_ends) for e in fast] == [(e.input_ids, e.labels, e.turn_ends) for e in general]
+    assert any(p is not None for p in encoder._plans.values())  # the compiled path was really taken
+
+
+def test_pretoken_cache_matches_rust(tok):
+    from chatforge.data.tokenize import _PretokenBPE
+
+    fast = _PretokenBPE.build(tok.backend_tokenizer)
+    assert fast is not None  # the tiny tokenizer is byte-level BPE, like SmolLM2
+    rnd = random.Random(5)
+    alphabet = "abcdefghij XYZ 0123456789 \n\t'.,;:!?()[]{}<>-_=+*/\\\"#$%&@^`|~"
+    for _ in range(300):
+        text = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 80)))
+        want = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+        got = fast.encode(text)
+        assert got.ids == want.ids, repr(text)
+        for c in range(len(text)):
+            assert got.char_to_token(c) == want.char_to_token(c), (repr(text), c)
+    assert not _PretokenBPE.handles("café") and not _PretokenBPE.handles("bell\x07") and _PretokenBPE.handles("a\tb\n")
