@@ -741,7 +741,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
             b = {k: v.to(acc.device) for k, v in pair_batch(batch, pad_id, share).items()}
             ctx = acc.no_sync(scorer) if micro < cfg.grad_accum - 1 else nullcontext()
             with ctx:
-                logps, ntok = scorer(**b)
+                logps, _ = scorer(**b)
                 n = len(idx)
                 ref_b = ref["train"][idx].to(acc.device)
                 losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref_b[:, 0], ref_b[:, 1], cfg.beta, cfg.loss,
@@ -780,15 +780,16 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
             t_window = time.time()  # evaluation time is not training time
         if step % cfg.save_every == 0 and step < steps and not out_of_time:
             core.save_checkpoint(run, step, acc, model, tokenizer, opt, sched, keep_last=cfg.keep_last)
+            t_window = time.time()  # nor is checkpointing
         if out_of_time:
             say(f"max_minutes={cfg.max_minutes} reached at step {step}/{steps}; stopping")
             break
     bar.close()
     train_s = time.time() - t0
 
-    summary: dict[str, Any] = {"train_time_s": round(train_s, 1), "reference_time_s": round(t_ref, 1), "planned_steps": steps, "data": report.to_dict(),
-                               "train_pairs": len(train_set), "eval_pairs": len(eval_set),
-                               **{k: v for k, v in last_eval.items()}}
+    summary: dict[str, Any] = {"train_time_s": round(train_s, 1), "reference_time_s": round(t_ref, 1),
+                               "planned_steps": steps, "data": report.to_dict(), "train_pairs": len(train_set),
+                               "eval_pairs": len(eval_set), **last_eval}
     if cfg.judge and prompts and acc.is_main_process:
         summary.update(judge_win_rate(model, tokenizer, prompts, cfg))
         say(f"win rate vs the starting policy ({summary['judge_prompts']} prompts, judge {cfg.judge}): "
