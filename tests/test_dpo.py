@@ -333,6 +333,13 @@ def test_cli(prefs):
     assert main(args) == 0
     cfg = (prefs / "cli" / "config.yaml").read_text()
     assert "beta: 0.2" in cfg and "max_steps: 2" in cfg and "model: tiny" in cfg
+    # no --eval-data: the reward model's split (seed 0, eval_fraction 0.05 -> 6 of 128 records held out)
+    from chatforge.train.rm import split_indices
+    split = json.loads((prefs / "cli" / "split.json").read_text())
+    assert split["heldout"] == split_indices(128, 0.05, 0)[1] and len(split["heldout"]) == 6
+    assert len((prefs / "cli" / "heldout.jsonl").read_text().splitlines()) == 6
+    summary = json.loads((prefs / "cli" / "summary.json").read_text())
+    assert (summary["train_pairs"], summary["eval_pairs"]) == (122, 6)
     assert main(args) == 2                                     # the run exists: --resume or --overwrite
     again = ["dpo", "--resume", "--policy", "tiny", "--data", str(prefs / "train.jsonl"), "--out", str(prefs / "cli"),
              "max_steps=3"]

@@ -294,9 +294,16 @@ def read_records(paths: list[str], fmt: str | None) -> tuple[list, list]:
     return records, errors
 
 
-def load_pairs(cfg: DPOConfig, tokenizer, log=print) -> tuple[list[PairExample], list[PairExample], DataReport]:
-    """Read, expand, split (by record, so a ranking's pairs stay on one side), tokenise."""
-    import numpy as np
+def load_pairs(cfg: DPOConfig, tokenizer, run: Run | None = None, log=print
+               ) -> tuple[list[PairExample], list[PairExample], DataReport]:
+    """Read, split by record (a ranking's pairs stay on one side), expand, tokenise.
+
+    Without ``eval_data`` the split is the reward model's (``train.rm.split_indices``: same
+    seed and fraction -> same held-out records), written to ``split.json`` /
+    ``heldout.jsonl`` in the run folder so evaluation can use exactly those prompts.
+    """
+    from chatforge.data.records import write_jsonl
+    from chatforge.train.rm import split_indices
 
     if not cfg.data:
         raise ConfigError("data: give at least one preference or ranking file")
@@ -309,11 +316,14 @@ def load_pairs(cfg: DPOConfig, tokenizer, log=print) -> tuple[list[PairExample],
         eval_records, eval_errors = read_records(cfg.eval_data, cfg.format)
         report.read_errors += len(eval_errors)
     else:
-        n_eval = min(cfg.max_eval_records, int(round(cfg.eval_fraction * len(records))))
-        perm = np.random.default_rng(cfg.seed).permutation(len(records))
-        held = set(perm[:n_eval].tolist())
-        eval_records = [r for i, r in enumerate(records) if i in held]
-        records = [r for i, r in enumerate(records) if i not in held]
+        train_idx, held_idx = split_indices(len(records), cfg.eval_fraction, cfg.seed)
+        eval_records = [records[i] for i in held_idx]
+        records = [records[i] for i in train_idx]
+        if run is not None and run.is_main:
+            run.write_json("split.json", {"data": list(cfg.data), "seed": cfg.seed, "eval_fraction": cfg.eval_fraction,
+                                          "records": len(records) + len(eval_records), "heldout": held_idx,
+                                          "note": "indices into the records of `data` as read, in file order"})
+            write_jsonl(eval_records, run.path / "heldout.jsonl")
     sets = []
     for recs in (records, eval_records):
         out = []
@@ -325,8 +335,6 @@ def load_pairs(cfg: DPOConfig, tokenizer, log=print) -> tuple[list[PairExample],
                 out.append(ex)
         sets.append(out)
     train, held_out = sets
-    if cfg.eval_data:
-        held_out = held_out[:cfg.max_eval_records]
     report.pairs = len(train) + len(held_out)
     if not train:
         raise DataError(f"{', '.join(cfg.data)}: no usable preference pairs ({'; '.join(report.lines())})")
@@ -681,7 +689,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
     # data
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set, eval_set, report = load_pairs(cfg, tokenizer, log=say)
+    train_set, eval_set, report = load_pairs(cfg, tokenizer, run, log=say)
     for line in report.lines():
         say(line)
     prompts = read_prompts(cfg.eval_prompts, cfg.format) if cfg.eval_prompts else unique_prompts(e.prompt for e in eval_set)
@@ -709,16 +717,18 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
     batches = core.batch_indices(len(train_set), cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes,
                                  start_batch=step * cfg.grad_accum)
 
-    def evaluate() -> dict[str, float]:
+    def evaluate(final: bool = False) -> dict[str, float]:
         with torch.random.fork_rng(devices=[]):  # sampling must not shift the training RNG stream
-            return _evaluate()
+            return _evaluate(final)
 
-    def _evaluate() -> dict[str, float]:
+    def _evaluate(final: bool) -> dict[str, float]:
+        """Held-out pairs (the first ``max_eval_records`` periodically, all at the end) + KL."""
         m = {}
-        if eval_set:
-            pol = score_pairs(acc.unwrap_model(scorer), eval_set, cfg.ref_batch_size, pad_id, acc.autocast,
+        n = len(eval_set) if final else min(len(eval_set), cfg.max_eval_records)
+        if n:
+            pol = score_pairs(acc.unwrap_model(scorer), eval_set[:n], cfg.ref_batch_size, pad_id, acc.autocast,
                               share_prompt=share)
-            m.update({f"eval_{k}": v for k, v in pair_metrics(pol, ref["eval"], cfg).items()})
+            m.update({f"eval_{k}": v for k, v in pair_metrics(pol, ref["eval"][:n], cfg).items()})
         if cfg.kl_prompts and prompts:
             m.update(kl_to_reference(model, tokenizer, prompts[:cfg.kl_prompts], cfg, pad_id, acc.autocast))
         return m
@@ -774,7 +784,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
             window, tokens, t_window = [], 0, time.time()
         if step % cfg.eval_every == 0 or step == steps or out_of_time:
             if acc.is_main_process:
-                last_eval = evaluate()
+                last_eval = evaluate(final=step == steps or out_of_time)
                 run.log(step, **last_eval)
                 say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
             t_window = time.time()  # evaluation time is not training time
