@@ -35,6 +35,7 @@ import tempfile
 import weakref
 from bisect import bisect_left, bisect_right, insort
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -59,6 +60,12 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     turn_ends: list[int] = field(default_factory=list)
+    n_labels: int = -1  # tokens with a label (-1: not counted yet)
+
+    def label_count(self) -> int:
+        if self.n_labels < 0:
+            self.n_labels = len(self.labels) - self.labels.count(IGNORE_INDEX)
+        return self.n_labels
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -207,12 +214,12 @@ class Encoder:
 
     def _finish(self, ids: list[int], token_spans: list[tuple[int, int]]) -> Encoded:
         if self.train_on == "all":
-            return Encoded(ids, list(ids), [t1 for _, t1 in token_spans])
+            return Encoded(ids, list(ids), [t1 for _, t1 in token_spans], len(ids))
         chosen = token_spans[-1:] if self.train_on == "last_assistant" else token_spans
         labels = [IGNORE_INDEX] * len(ids)
         for t0, t1 in chosen:
             labels[t0:t1] = ids[t0:t1]
-        return Encoded(ids, labels, [t1 for _, t1 in chosen])
+        return Encoded(ids, labels, [t1 for _, t1 in chosen], len(labels) - labels.count(IGNORE_INDEX))
 
     def _fragments(self, text: str, jobs: list[str]) -> list[list]:
         """Cut ``text`` at special tokens, as the tokenizer does: [char_start, special id | -1, payload]."""
@@ -307,8 +314,10 @@ def _special_splitter(backend: Any) -> tuple[re.Pattern | None, dict[str, int]]:
     return re.compile(pattern), ids
 
 
-# GPT-2's pre-tokenizer regex: what tokenizers' ByteLevel(use_regex=True) splits on
-_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's pre-tokenizer regex (tokenizers' ByteLevel with use_regex=True), restricted to the
+# plain ASCII text it is used on: there \p{L} = [A-Za-z], \p{N} = [0-9], \s = [ \t\n], and the
+# standard library's re runs it ~2x faster than the Unicode-aware regex module would.
+_GPT2_SPLIT_ASCII = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
 _NOT_PLAIN_ASCII = re.compile(r"[^\t\n\x20-\x7e]")
 
 
@@ -319,15 +328,14 @@ class _PretokenBPE:
     BPE inside each piece independently. So ids(text) = the concatenation of ids(piece),
     and a dict from piece to ids answers almost every piece of a corpus after the first
     few thousand records; only unseen pieces go to Rust. Used only for plain ASCII text
-    (tab, newline, printable), where Python's and Rust's regex classes cannot disagree,
-    and only after it reproduced the Rust tokenizer on probe texts.
+    (tab, newline, printable), where the regex's character classes are unambiguous, and
+    only after it reproduced the Rust tokenizer on probe texts.
     """
 
     MAX_CACHE = 1_000_000
 
-    def __init__(self, backend: Any, split: Any):
+    def __init__(self, backend: Any):
         self.backend = backend
-        self.split = split
         self.cache: dict[str, list[int]] = {}
         vocab = backend.get_vocab(with_added_tokens=False)
         self.nbytes = [0] * (max(vocab.values()) + 1)
@@ -336,16 +344,13 @@ class _PretokenBPE:
 
     @classmethod
     def build(cls, backend: Any) -> "_PretokenBPE | None":
-        try:
-            import regex
-            from tokenizers import pre_tokenizers
-        except ImportError:
-            return None
+        from tokenizers import pre_tokenizers
+
         pre = backend.pre_tokenizer
         if (backend.normalizer is not None or not isinstance(pre, pre_tokenizers.ByteLevel)
                 or pre.add_prefix_space or not pre.use_regex):
             return None
-        fast = cls(backend, regex.compile(_GPT2_SPLIT).findall)
+        fast = cls(backend)
         probes = ["Hello world!", "  two  spaces\n\n\nand\tTabs ", "it's they'll I'M 12345 x1y2 3.14", "a\n  b",
                   "#include <stdio.h>\nint main() { return 0; }", "end with space ", "   ", "\n", "'s'S 're", "..."]
         if any(fast.encode(p).ids != backend.encode(p, add_special_tokens=False).ids for p in probes):
@@ -357,16 +362,15 @@ class _PretokenBPE:
         return text.isascii() and _NOT_PLAIN_ASCII.search(text) is None
 
     def encode(self, text: str) -> "_PyEncoding":
-        cache = self.cache
-        ids: list[int] = []
-        for piece in self.split(text):
-            got = cache.get(piece)
-            if got is None:
-                if len(cache) >= self.MAX_CACHE:
-                    cache.clear()
-                got = cache[piece] = self.backend.encode(piece, add_special_tokens=False).ids
-            ids += got
-        return _PyEncoding(ids, self.nbytes)
+        pieces = _GPT2_SPLIT_ASCII.findall(text)
+        got = list(map(self.cache.get, pieces))
+        if None in got:
+            if len(self.cache) >= self.MAX_CACHE:
+                self.cache.clear()
+            for k, piece in enumerate(pieces):
+                if got[k] is None:
+                    got[k] = self.cache[piece] = self.backend.encode(piece, add_special_tokens=False).ids
+        return _PyEncoding(list(chain.from_iterable(got)), self.nbytes)
 
 
 class _PyEncoding:
@@ -717,7 +721,7 @@ def _encode_batch(encoder: Encoder, batch: list[Any], max_len: int, truncation: 
         stats.truncated += status == "truncated"
         stats.examples += 1
         stats.tokens += len(ex)
-        stats.label_tokens += sum(1 for x in ex.labels if x != IGNORE_INDEX)
+        stats.label_tokens += ex.label_count()
         yield ex
 
 
@@ -882,27 +886,34 @@ def tokenize_to_dataset(records: Iterable[Any], tokenizer: Any, max_len: int, *,
                         pack: bool = True, train_on: str = "assistant", truncation: str = "turns",
                         files: Iterable[str | os.PathLike] | None = None, key_extra: str = "",
                         cache_dir: str | os.PathLike | None = None, num_proc: int | None = None,
-                        batch_size: int = 1000, pack_buffer: int = 20000) -> tuple[Any, TokenizeStats]:
-    """The large-corpus path: conversations -> rows in Arrow files on disk, memory-mapped.
+                        chunk: int = 4000) -> tuple[Any, TokenizeStats]:
+    """The large-corpus path: conversations -> training rows in an Arrow file, memory-mapped.
 
-    Same rows as :func:`build_sft_examples` (packing is per ``pack_buffer`` examples), but
-    the corpus never sits in memory: records are written to Arrow in chunks, tokenised
-    with ``datasets.map(batched=True, num_proc=...)``, packed, and the result is opened
-    memory-mapped. With ``files`` (the inputs ``records`` come from) the result is cached
-    under ``cache_dir/<key>``, the key hashing the files' bytes, the tokenizer, template,
+    One streaming pass, constant memory: records are cut into chunks of ``chunk``
+    conversations, each chunk is tokenised, truncated and packed (rows never span chunks)
+    -- by ``num_proc`` forked worker processes when ``num_proc > 1``, overlapping with the
+    reading and cleaning that produce ``records`` in this process -- and the rows are
+    appended to ``rows.arrow``, opened at the end as a memory-mapped ``datasets.Dataset``.
+    (Not ``datasets.map``: that needs the whole corpus written to Arrow first and reads
+    it twice more, and the serial read/clean phase then leaves a core idle.)
+
+    With ``files`` (the inputs ``records`` come from) the result is cached under
+    ``cache_dir/<key>``, the key hashing the files' bytes, the tokenizer, template,
     ``max_len`` and every option (add cleaning settings etc. via ``key_extra``); a second
-    call with the same key returns the cached rows without reading ``records``.
+    call with the same key returns the cached rows without reading ``records``. Without
+    ``files`` the rows go to a fresh folder under ``cache_dir`` that the caller owns.
 
-    Returns ``(datasets.Dataset, TokenizeStats)``.
+    Returns ``(datasets.Dataset, TokenizeStats)``; columns ``input_ids``, ``labels`` and,
+    packed, ``position_ids`` (int32 lists): feed batches of rows to :func:`collate`.
     """
-    if truncation not in TRUNCATION or train_on not in TRAIN_ON or max_len < 2:
+    if truncation not in TRUNCATION or train_on not in TRAIN_ON or max_len < 2 or chunk < 1:
         raise ConfigError(f"tokenize_to_dataset: bad option (truncation={truncation!r}, train_on={train_on!r}, "
-                          f"max_len={max_len})")
+                          f"max_len={max_len}, chunk={chunk})")
     template = get_template(tokenizer, template)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     settings = dict(v=FORMAT_VERSION, template=template, max_len=max_len, pack=pack, train_on=train_on,
-                    truncation=truncation, pack_buffer=pack_buffer if pack else None, extra=key_extra)
+                    truncation=truncation, chunk=chunk if pack else None, extra=key_extra)
     key = None
     if files is not None:
         h = hashlib.blake2b(digest_size=12)
@@ -914,32 +925,21 @@ def tokenize_to_dataset(records: Iterable[Any], tokenizer: Any, max_len: int, *,
             return _load_cached(root / key)
     work = Path(tempfile.mkdtemp(prefix=(key or "sft-nocache") + ".tmp-", dir=root))
     try:
+        from datasets.arrow_writer import ArrowWriter
+
         stats = TokenizeStats()
-        ds = _write_records(records, work / "records.arrow", stats)
-        kw = dict(tokenizer=tokenizer, template=template, train_on=train_on, max_len=max_len, truncation=truncation)
-        fp = key or hashlib.md5(str(work).encode()).hexdigest()
-        encoded = ds.map(_map_encode, batched=True, batch_size=batch_size, num_proc=num_proc, fn_kwargs=kw,
-                         remove_columns=ds.column_names, features=_encoded_features(),
-                         cache_file_name=str(work / "encoded.arrow"), new_fingerprint=fp + "-enc",
-                         desc="tokenise")
-        _count_statuses(encoded, stats)
-        out_features = _row_features(pack)
-        final = encoded.map(_map_pack if pack else _map_keep, batched=True,
-                            batch_size=pack_buffer if pack else batch_size, num_proc=num_proc,
-                            fn_kwargs={"max_len": max_len}, remove_columns=encoded.column_names,
-                            features=out_features, cache_file_name=str(work / "rows.arrow"),
-                            new_fingerprint=fp + "-rows", desc="pack" if pack else "select")
-        stats.rows = len(final)
-        stats.row_capacity = len(final) * max_len if pack else 0
-        files_out = [Path(c["filename"]).name for c in final.cache_files]
-        (work / "manifest.json").write_text(json.dumps({"files": files_out, "stats": stats.to_dict(),
+        job = (tokenizer, template, train_on, max_len, truncation, pack)
+        chunks = _chunks(records, chunk, stats)
+        with ArrowWriter(features=_row_features(pack), path=str(work / "rows.arrow")) as writer:
+            for columns, chunk_stats in _run_chunks(chunks, job, num_proc):
+                stats.merge(chunk_stats)
+                if len(columns["lengths"]):
+                    writer.write_table(_to_arrow(columns))
+            writer.finalize()
+        (work / "manifest.json").write_text(json.dumps({"files": ["rows.arrow"], "stats": stats.to_dict(),
                                                         "settings": settings}, indent=1))
-        del ds, encoded, final
-        for f in work.iterdir():
-            if f.name != "manifest.json" and f.name not in files_out:
-                f.unlink()
         if key is None:
-            return _load_cached(work)  # left on disk in cache_dir: the caller owns it
+            return _load_cached(work)
         try:
             os.replace(work, root / key)
         except OSError:  # another process finished the same key first
@@ -959,20 +959,6 @@ def _load_cached(folder: Path) -> tuple[Any, TokenizeStats]:
     return ds, TokenizeStats(**manifest["stats"])
 
 
-def _message_features():
-    from datasets import Features, List, Value
-
-    return Features({"messages": List({"role": Value("string"), "content": Value("string")}),
-                     "where": Value("string")})
-
-
-def _encoded_features():
-    from datasets import Features, List, Value
-
-    return Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")),
-                     "turn_ends": List(Value("int32")), "status": Value("string"), "error": Value("string")})
-
-
 def _row_features(packed: bool):
     from datasets import Features, List, Value
 
@@ -982,81 +968,77 @@ def _row_features(packed: bool):
     return Features(cols)
 
 
-def _write_records(records: Iterable[Any], path: Path, stats: TokenizeStats, chunk: int = 10000):
-    """Stream records into an Arrow file (constant memory); non-conversations are counted errors."""
-    from datasets import Dataset
-    from datasets.arrow_writer import ArrowWriter
-
-    features = _message_features()
-    with ArrowWriter(features=features, path=str(path)) as writer:
-        msgs: list[list[dict]] = []
-        wheres: list[str] = []
-        for rec in records:
-            try:
-                m = _messages_of(rec)
-            except DataError as e:
-                stats.records += 1
-                stats.error(_where(rec), str(e))
-                continue
-            msgs.append([{"role": x["role"], "content": x["content"]} for x in m])
-            wheres.append(_where(rec))
-            if len(msgs) >= chunk:
-                writer.write_batch({"messages": msgs, "where": wheres})
-                msgs, wheres = [], []
-        if msgs:
-            writer.write_batch({"messages": msgs, "where": wheres})
-        writer.finalize()
-    return Dataset.from_file(str(path))
+def _chunks(records: Iterable[Any], size: int, stats: TokenizeStats) -> Iterator[list[dict]]:
+    """Chunks of ``{"messages", "meta"}`` (meta: provenance only, small to ship to workers);
+    records that are not conversations are counted here."""
+    chunk: list[dict] = []
+    for rec in records:
+        try:
+            messages = _messages_of(rec)
+        except DataError as e:
+            stats.records += 1
+            stats.error(_where(rec), str(e))
+            continue
+        meta = getattr(rec, "meta", None) or (rec.get("meta") if isinstance(rec, dict) else None) or {}
+        chunk.append({"messages": messages, "meta": {"source": meta.get("source"), "line": meta.get("line")}})
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
-def _map_encode(batch: dict[str, list], tokenizer: Any, template: str, train_on: str, max_len: int,
-                truncation: str) -> dict[str, list]:
-    """datasets.map worker: one output row per record, kept or not, with its status."""
-    encoder = get_encoder(tokenizer, template, train_on)
-    out: dict[str, list] = {"input_ids": [], "labels": [], "turn_ends": [], "status": [], "error": []}
-    for where, enc in zip(batch["where"], encoder.encode_many(batch["messages"])):
-        if isinstance(enc, Exception):
-            ex, status, err = None, "error", f"{where}: chat template failed: {enc}" if where else str(enc)
-        else:
-            (ex, status), err = truncate(enc, max_len, truncation), ""
-        out["input_ids"].append(ex.input_ids if ex else [])
-        out["labels"].append(ex.labels if ex else [])
-        out["turn_ends"].append(ex.turn_ends if ex else [])
-        out["status"].append(status)
-        out["error"].append(err)
-    return out
+def _run_chunks(chunks: Iterator[list], job: tuple, num_proc: int | None) -> Iterator[tuple[dict, TokenizeStats]]:
+    if not num_proc or num_proc <= 1:
+        _worker_init(*job)
+        yield from map(_work_chunk, chunks)
+        return
+    import multiprocessing
+
+    # forked workers inherit the tokenizer (no re-import of transformers, no pickling)
+    with multiprocessing.get_context("fork").Pool(num_proc, initializer=_worker_init, initargs=(*job, True)) as pool:
+        yield from pool.imap(_work_chunk, chunks)
 
 
-def _map_pack(batch: dict[str, list], max_len: int) -> dict[str, list]:
-    kept = [{"input_ids": i, "labels": l} for i, l, s in zip(batch["input_ids"], batch["labels"], batch["status"])
-            if s in _STATUS_KEPT]
-    out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
-    for row in pack_examples(kept, max_len, buffer=len(kept) or 1):
-        for k in out:
-            out[k].append(row[k])
-    return out
+_WORKER: dict[str, Any] = {}
 
 
-def _map_keep(batch: dict[str, list], max_len: int) -> dict[str, list]:
-    keep = [i for i, s in enumerate(batch["status"]) if s in _STATUS_KEPT]
-    return {"input_ids": [batch["input_ids"][i] for i in keep], "labels": [batch["labels"][i] for i in keep]}
+def _worker_init(tokenizer: Any, template: str, train_on: str, max_len: int, truncation: str, pack: bool,
+                 forked: bool = False) -> None:
+    if forked:  # one process per core already: no Rust thread pool (and no fork warning)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(encoder=get_encoder(tokenizer, template, train_on), max_len=max_len, truncation=truncation,
+                   pack=pack)
 
 
-def _count_statuses(encoded: Any, stats: TokenizeStats) -> None:
-    """Fill ``stats`` from the encoded table with Arrow compute (no Python loop over rows)."""
-    import pyarrow.compute as pc
+def _work_chunk(chunk: list[dict]) -> tuple[dict, TokenizeStats]:
+    """Encode, truncate and (maybe) pack one chunk; rows come back as flat int32 arrays."""
+    import numpy as np
 
-    table = encoded.data.table if hasattr(encoded.data, "table") else encoded.data
-    status = table.column("status")
-    counts = {d["values"].as_py(): d["counts"].as_py() for d in pc.value_counts(status)}
-    stats.records += len(encoded)
-    stats.examples += sum(counts.get(s, 0) for s in _STATUS_KEPT)
-    stats.truncated += counts.get("truncated", 0)
-    stats.dropped_too_long += counts.get("too_long", 0)
-    stats.dropped_no_labels += counts.get("no_labels", 0)
-    for err in pc.filter(table.column("error"), pc.not_equal(table.column("error"), "")).to_pylist():
-        stats.error("", err)
-    lengths = pc.list_value_length(table.column("input_ids"))
-    stats.tokens += int(pc.sum(lengths).as_py() or 0)
-    labels = pc.list_flatten(table.column("labels"))
-    stats.label_tokens += int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
+    w = _WORKER
+    stats = TokenizeStats()
+    examples = _encode_batch(w["encoder"], chunk, w["max_len"], w["truncation"], stats)
+    if w["pack"]:
+        rows = list(pack_examples(examples, w["max_len"], buffer=len(chunk), stats=stats))
+        names = ("input_ids", "labels", "position_ids")
+    else:
+        rows = [e.to_dict() for e in examples]
+        stats.rows = len(rows)
+        names = ("input_ids", "labels")
+    lengths = np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int32, count=len(rows))
+    total = int(lengths.sum())
+    columns = {"lengths": lengths}
+    for name in names:
+        columns[name] = np.fromiter(chain.from_iterable(r[name] for r in rows), dtype=np.int32, count=total)
+    return columns, stats
+
+
+def _to_arrow(columns: dict) -> Any:
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = np.zeros(len(columns["lengths"]) + 1, dtype=np.int32)
+    np.cumsum(columns["lengths"], out=offsets[1:])
+    offsets = pa.array(offsets)
+    names = [n for n in ("input_ids", "labels", "position_ids") if n in columns]
+    return pa.table({n: pa.ListArray.from_arrays(offsets, pa.array(columns[n])) for n in names})
