@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+from pathlib import Path
 
 import pytest
 
@@ -406,3 +407,54 @@ def test_pretoken_cache_matches_rust(tok):
         for c in range(len(text)):
             assert got.char_to_token(c) == want.char_to_token(c), (repr(text), c)
     assert not _PretokenBPE.handles("café") and not _PretokenBPE.handles("bell\x07") and _PretokenBPE.handles("a\tb\n")
+
+
+# -- real data ---------------------------------------------------------------------------------------
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+REAL_FILES = [  # English and Chinese Alpaca, Korean chats, nanoChatGPT tag text
+    ("alpaca_chinese_dataset/english_original/alpaca_data-0-3252-en.json", "auto"),
+    ("alpaca_chinese_dataset/zh_translated/alpaca_data-0-3252-zh-done.json", "alpaca"),
+    ("kochatgpt/kochatgpt_1_SFT_conversation.jsonl", "chatml"),
+    ("nanochatgpt/input60.txt", "human-bot"),
+]
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("rel,template", REAL_FILES)
+def test_real_records_match_apply_chat_template(tok, rel, template):
+    """Real, messy text (unicode, odd whitespace, code) through every shortcut: ids equal HF's."""
+    path = SHARED / rel
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path} (../shared/data next to the repo)")
+    from chatforge.data.readers import iter_file
+
+    recs = []
+    for x in iter_file(path):
+        if isinstance(x, Conversation):
+            recs.append(x)
+        if len(recs) == 150:
+            break
+    encoder = get_encoder(tok, template)
+    tpl = T.get_template(tok, template)
+    for rec, enc in zip(recs, encoder.encode_many([r.messages for r in recs])):
+        assert enc.input_ids == reference_ids(tok, tpl, rec.messages), rec.meta
+        n_assistant = sum(m["role"] == "assistant" for m in rec.messages)
+        assert len(labelled_runs(tok, enc)) <= n_assistant and len(enc.turn_ends) == n_assistant
+        assert enc.labels[enc.turn_ends[-1] - 1] != IGNORE_INDEX  # the final end of turn keeps its label
+
+
+@pytest.mark.shared
+@pytest.mark.smollm2
+@needs_smollm2
+def test_real_records_smollm2(smol):
+    from chatforge.data.readers import iter_file
+
+    for rel, _ in REAL_FILES[:3]:
+        path = SHARED / rel
+        if not path.exists():
+            pytest.skip(f"shared data not found at {path}")
+        recs = [x for _, x in zip(range(200), iter_file(path)) if isinstance(x, Conversation)]
+        for rec, enc in zip(recs, get_encoder(smol).encode_many([r.messages for r in recs])):
+            assert enc.input_ids == reference_ids(smol, smol.chat_template, rec.messages), rec.meta
+            assert [enc.labels[t - 1] for t in enc.turn_ends] == [2] * len(enc.turn_ends)  # <|im_end|> == pad, labelled
