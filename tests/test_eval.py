@@ -169,15 +169,20 @@ class _FakeJudge(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def fake_judge_url():
+@pytest.fixture(scope="module")
+def fake_judge_server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeJudge)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
-    _FakeJudge.seen = []
     yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture
+def fake_judge_url(fake_judge_server):
+    _FakeJudge.seen = []
+    return fake_judge_server
 
 
 def test_judge_both_orders(fake_judge_url):
@@ -300,16 +305,27 @@ def tiny_runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow
-def test_evaluate_tiny_checkpoints_end_to_end(tiny_runs, fake_judge_url, monkeypatch):
+SETTINGS = dict(max_prompts=3, max_new_tokens=12, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_eval(tiny_runs, fake_judge_server):
+    """The evaluation of the tiny SFT run against "tiny", with RM and judge, into root/eval."""
     from chatforge.eval.evaluate import EvalSettings, evaluate_runs
     from chatforge.eval.judge import Judge
 
     root = tiny_runs
-    out = root / "eval"
-    s = EvalSettings(max_prompts=3, max_new_tokens=12, batch_size=2)
-    res = evaluate_runs({"sft": root / "sft"}, baseline="tiny", heldout=root / "heldout.jsonl", rm=root / "rm",
-                        judge=Judge(fake_judge_url, "fake"), out=out, settings=s)
+    return evaluate_runs({"sft": root / "sft"}, baseline="tiny", heldout=root / "heldout.jsonl", rm=root / "rm",
+                         judge=Judge(fake_judge_server, "fake"), out=root / "eval", settings=EvalSettings(**SETTINGS))
+
+
+@pytest.mark.slow
+def test_evaluate_tiny_checkpoints_end_to_end(tiny_runs, tiny_eval, fake_judge_url, monkeypatch):
+    from chatforge.eval.evaluate import EvalSettings, evaluate_runs
+    from chatforge.eval.judge import Judge
+
+    root, res, out = tiny_runs, tiny_eval, tiny_runs / "eval"
+    s = EvalSettings(**SETTINGS)
     labels = [r["label"] for r in res.rows]
     assert labels == ["tiny", "sft/step-0000001", "sft/step-0000002"]  # model/ == step 2: one row
     assert res.row("sft/step-0000002")["final"] and res.row("tiny")["baseline"]
@@ -345,7 +361,7 @@ def test_evaluate_tiny_checkpoints_end_to_end(tiny_runs, fake_judge_url, monkeyp
     assert res2.rows == res.rows and _FakeJudge.seen == calls
 
 
-def test_report_files(tiny_runs):
+def test_report_files(tiny_runs, tiny_eval):
     import re
 
     from chatforge.eval.report import load_result, write_report
@@ -376,3 +392,23 @@ def test_cli_eval(tiny_runs, capsys):
     assert "sft/step-0000001" in out and "best of sft" in out and "ppl" in out
     assert (root / "eval-cli" / "report.html").exists()
     assert main(["eval", str(root / "nope")]) == 2
+
+
+def test_judge_speaks_to_our_own_server():
+    """The request the judge sends is one `chatforge serve` accepts (a tiny model's verdict is
+    noise, so only the protocol and the outcome's range are checked)."""
+    from chatforge.chat.server import make_server
+    from chatforge.eval.judge import Judge
+    from chatforge.generate.engine import Engine
+    from chatforge.models.tiny import tiny_model, tiny_tokenizer
+
+    srv = make_server(Engine(tiny_model(), tiny_tokenizer()), "tiny", port=0, default_max_tokens=16)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        j = Judge(f"http://127.0.0.1:{srv.server_address[1]}/v1", "tiny", timeout=60, retries=0)
+        outcome, verdicts = j.compare("What colour is the sky?", "It is blue.", "It is green.")
+        assert outcome in (0.0, 0.5, 1.0) and len(verdicts) == 2 and j.calls == 2
+    finally:
+        srv.shutdown()
+        srv.server_close()

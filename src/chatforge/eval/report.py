@@ -24,12 +24,12 @@ from chatforge.runs import atomic_write_text, plot_curves, read_metrics
 
 # metric keys never worth a panel
 _BOOKKEEPING = ("step", "time", "lr", "tokens_per_s", "step_time_s", "grad_norm", "epoch", "peak_rss", "samples_per_s",
-                "wall", "tokens")
+                "wall", "tokens", "episodes", "episodes_per_s", "train_min")
 # what to plot first for each kind of stage (substrings of metric keys, in order)
 _PRIORITY = {
     "sft": ("loss", "ppl", "acc"),
     "rm": ("acc", "loss", "margin"),
-    "ppo": ("reward", "score", "kl", "entropy", "len", "loss"),
+    "ppo": ("reward", "kl", "score", "entropy", "len", "loss"),
     "dpo": ("loss", "acc", "margin", "reward"),
 }
 MAX_PANELS = 6
@@ -77,6 +77,8 @@ def curve_keys(rows: Sequence[dict[str, Any]], kind: str) -> list[str]:
             if k in numeric or isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             if any(k == b or k.startswith(b + "_") or k.endswith("_" + b) for b in _BOOKKEEPING):
+                continue
+            if "/" in k or k.endswith("_std"):  # reward parts, spreads: detail for metrics.jsonl
                 continue
             numeric.append(k)
     chosen: list[str] = []
@@ -207,6 +209,11 @@ def side_by_side(result: EvalResult, samples: Sequence[dict[str, Any]], max_prom
 
 
 # ---------------------------------------------------------------- writing
+def _column_title(row: dict[str, Any]) -> str:
+    tags = [t for t, on in (("best", row.get("best")), ("baseline", row.get("baseline"))) if on]
+    return row["label"] + (f" ({', '.join(tags)})" if tags else "")
+
+
 def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in s)
 
@@ -279,7 +286,7 @@ def render_html(title: str, figures: list[tuple[str, Path]], result: EvalResult 
         if rows:
             h.append("<h2>Sample responses</h2><p class=meta>the same held-out prompts; each run's best checkpoint "
                      "(else its final model)</p><table class=samples><tr><th>prompt</th>"
-                     + "".join(f"<th>{_esc(c['label'])}</th>" for c in cols) + "</tr>")
+                     + "".join(f"<th>{_esc(_column_title(c))}</th>" for c in cols) + "</tr>")
             for row in rows:
                 h.append(f"<tr><td class=prompt>{_esc(_clip(row['prompt'], 600))}</td>")
                 for s in row["responses"]:
@@ -319,7 +326,7 @@ def render_markdown(title: str, figures: list[tuple[str, Path]], result: EvalRes
                 md.append("")
                 for c, s in zip(cols, row["responses"]):
                     txt = "–" if s is None else _clip(s["response"], max_chars).replace("\n", " ")
-                    md.append(f"- *{c['label']}*: {txt}")
+                    md.append(f"- *{_column_title(c)}*: {txt}")
                 md.append("")
     return "\n".join(md) + "\n"
 
