@@ -12,6 +12,11 @@ each runs in its own subprocess, so each peak RSS is that stage's own:
   pack      + ``tokenize.pack_examples`` (best-fit rows of ``--max-len``): end to end, streaming
   arrow     read + clean -> ``tokenize.tokenize_to_dataset`` (Arrow on disk, ``--num-proc``
             workers, memory-mapped result): end to end, the large-corpus path
+  trl       the peer, side by side: read + clean (ours) -> the way TRL 1.16's SFTTrainer prepares
+            the same data (``Dataset.from_generator``; its prompt-completion tokenize function,
+            replicated: two ``apply_chat_template`` calls and a common-prefix completion mask,
+            ``datasets.map(num_proc)``; ``trl.pack_dataset(strategy="bfd")``). TRL cannot mask
+            assistant turns of SmolLM2's template itself (no ``{% generation %}`` patch for it).
 
 records/s is input records over the stage's wall time (tokenizer loading excluded, shown
 apart). Goal: >= 20k records/s end to end and peak RSS < 2 GiB.
@@ -34,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = ["read", "clean", "tokenise", "pack", "arrow"]
+STAGES = ["read", "clean", "tokenise", "pack", "arrow", "trl"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -166,7 +171,7 @@ def run_stage(args) -> dict:
     out: dict = {"stage": stage}
     t_load = time.time()
     tok = None
-    if stage in ("tokenise", "pack", "arrow"):
+    if stage in ("tokenise", "pack", "arrow", "trl"):
         from chatforge.data import tokenize as T
         from chatforge.models.load import load_tokenizer
 
@@ -199,11 +204,13 @@ def run_stage(args) -> dict:
         for _ in (T.pack_examples(examples, args.max_len, stats=stats) if stage == "pack" else examples):
             n += 1
         out["tokenize"] = stats.summary()
-    else:  # arrow
+    elif stage == "arrow":
         ds, stats = T.tokenize_to_dataset(records(), tok, args.max_len, template=args.template,
                                           num_proc=args.num_proc, cache_dir=args.workdir)
         out["tokenize"] = stats.summary()
         out["rows"] = len(ds)
+    else:
+        out["rows"] = run_trl(counts, tok, args)
     wall, cpu = time.time() - t0, _cpu_seconds() - cpu0
     out.update(counts, wall_s=wall, cpu_s=cpu, records_per_s=counts["records"] / wall if wall else 0.0,
                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -213,6 +220,47 @@ def run_stage(args) -> dict:
         out["clean"] = {"kept": rep["kept"], "rejected": {k: v["rejected"] for k, v in rep["rules"].items()
                                                           if v.get("rejected")}}
     return out
+
+
+def _trl_tokenize(example: dict, tok) -> dict:
+    """TRL 1.16 SFTTrainer's tokenize_fn, prompt-completion conversational branch."""
+    prompt_ids = tok.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(example["prompt"] + example["completion"], tokenize=True, return_dict=True)["input_ids"]
+    n = 0
+    while n < min(len(prompt_ids), len(ids)) and prompt_ids[n] == ids[n]:
+        n += 1
+    return {"input_ids": ids, "completion_mask": [0] * n + [1] * (len(ids) - n)}
+
+
+def _trl_rows(path: str, counts: dict):
+    """Read + clean (ours, as in the other stages) -> TRL's prompt-completion rows."""
+    from chatforge.data.clean import Cleaner
+    from chatforge.data.io import ReadError
+    from chatforge.data.readers import iter_file
+
+    cleaner = Cleaner()
+    for rec in iter_file(path):
+        if isinstance(rec, ReadError):
+            counts["read_errors"] += 1
+            continue
+        counts["records"] += 1
+        if cleaner.check(rec) is not None:
+            continue
+        counts["kept"] += 1
+        last = max(i for i, m in enumerate(rec.messages) if m["role"] == "assistant")
+        yield {"prompt": rec.messages[:last], "completion": [rec.messages[last]]}
+
+
+def run_trl(counts: dict, tok, args) -> int:
+    from datasets import Dataset
+    from trl import pack_dataset
+
+    # gen_kwargs, not a closure: datasets pickles the generator function to fingerprint it
+    ds = Dataset.from_generator(_trl_rows, gen_kwargs={"path": args.file, "counts": counts}, cache_dir=args.workdir)
+    ds = ds.map(_trl_tokenize, fn_kwargs={"tok": tok}, num_proc=args.num_proc, remove_columns=ds.column_names)
+    ds = pack_dataset(ds, args.max_len, strategy="bfd", map_kwargs={"num_proc": args.num_proc})
+    return len(ds)
 
 
 # ---------------------------------------------------------------- parent
@@ -256,10 +304,10 @@ def report(results: list[dict]) -> None:
     prev = 0.0
     for r in results:
         per = r["cpu_s"] / max(r["records"], 1) * 1e6
-        extra = f"{per - prev:>8.1f}" if r["stage"] != "arrow" else f"{'':>8}"
+        extra = f"{per - prev:>8.1f}" if r["stage"] not in ("arrow", "trl") else f"{'':>8}"
         print(f"{r['stage']:<10}{r['wall_s']:>8.1f}{r['records_per_s']:>11.0f}{r['cpu_s']:>8.1f}{per:>11.1f}{extra}"
               f"{r['peak_rss_mib']:>14.0f}{r['peak_rss_children_mib']:>14.0f}{r['load_s']:>8.1f}")
-        if r["stage"] != "arrow":
+        if r["stage"] not in ("arrow", "trl"):
             prev = per
     print("(cpu us/rec: CPU time per input record, all threads and worker processes; +stage: what the stage adds."
           " On an idle 2-core machine records/s is at best 2e6 / cpu us/rec for the parallel parts.)")
@@ -272,7 +320,7 @@ def report(results: list[dict]) -> None:
     for r in results:
         if "tokenize" in r:
             print(f"{r['stage']}: {r['tokenize']}")
-    e2e = [r for r in results if r["stage"] in ("pack", "arrow")]
+    e2e = [r for r in results if r["stage"] in ("pack", "arrow", "trl")]
     for r in e2e:
         peak = r["peak_rss_mib"] + r["peak_rss_children_mib"]
         ok = "meets" if r["records_per_s"] >= 20000 and peak < 2048 else "misses"
