@@ -163,6 +163,27 @@ def test_cached_reference_equals_fresh_forward_of_frozen_model(tmp_path):
         assert ntok.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
 
 
+def test_reference_pass_covers_exactly_the_planned_pairs():
+    from chatforge.models.tiny import tiny_model
+    from chatforge.train.core import batch_indices
+    from chatforge.train.dpo import planned_pairs, reference_logps
+
+    cfg = DPOConfig(model="tiny", batch_size=2, grad_accum=2)
+    it = batch_indices(12, 2, 0)
+    first = sorted({i for _ in range(4) for i in next(it)})   # 2 steps x 2 micro-batches
+    assert planned_pairs(12, cfg, 2, 1) == first and len(first) == 8
+    assert planned_pairs(12, cfg, 50, 1) == list(range(12))
+    both = set()
+    for rank in (0, 1):  # two processes: each rank's shard of every global batch counts
+        it = batch_indices(12, 2, 0, rank, 2)
+        both |= {i for _ in range(2) for i in next(it)}
+    assert planned_pairs(12, cfg, 1, 2) == sorted(both) and len(both) == 8
+    pairs = _tiny_pairs(12)
+    ref = reference_logps(tiny_model(), cfg, {"train": pairs}, 0, _Acc(), None, needed={"train": first})["train"]
+    done = ~torch.isnan(ref).any(1)
+    assert done.nonzero()[:, 0].tolist() == first
+
+
 def test_lora_adapter_off_gives_base_model_logps():
     from chatforge.models.lora import LoraSettings, apply_lora
     from chatforge.models.tiny import tiny_model

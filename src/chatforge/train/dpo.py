@@ -555,43 +555,60 @@ def load_policy(name: str):
 
 
 def reference_logps(model, cfg: DPOConfig, sets: dict[str, list[PairExample]], pad_id: int, accelerator,
-                    cache: Path | None) -> dict[str, torch.Tensor]:
-    """Reference log-probs of every pair, computed once (or read from the run's cache).
+                    cache: Path | None, needed: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Reference log-probs ``[N, 2]`` of the pairs of each set, computed once and cached in
+    the run folder (a resumed run reads them back); entries never needed stay NaN.
 
-    Call before any optimizer step: for full fine-tuning ``model`` IS the reference then.
-    Each rank scores a strided shard and the shards are gathered (no duplicated work).
+    ``needed`` (set name -> pair indices; default: all) limits the work to the pairs the
+    planned steps and evaluations will actually visit -- with ``max_steps`` below one epoch
+    nothing is spent on pairs training never reaches. Call before any optimizer step: for
+    full fine-tuning ``model`` IS the reference then. Ranks score strided shards, gathered.
     """
     from chatforge.models.lora import is_peft
 
     fp = fingerprint(*sets.values())
+    out = {name: torch.full((len(pairs), 2), float("nan")) for name, pairs in sets.items()}
     if cache is not None and cache.exists():
         saved = torch.load(cache, weights_only=False)
         if saved.get("fingerprint") == fp:
-            return saved["logps"]
+            out.update(saved["logps"])
+    needed = needed if needed is not None else {name: list(range(len(pairs))) for name, pairs in sets.items()}
+    todo = {name: [i for i in idx if torch.isnan(out[name][i]).any()] for name, idx in needed.items()}
+    if not any(todo.values()):
+        return out
     rank, world = accelerator.process_index, accelerator.num_processes
     scorer = SequenceLogps(model)
-    out = {}
-    ctx = model.disable_adapter() if is_peft(model) else nullcontext()
-    with ctx:
-        for name, pairs in sets.items():
-            shard = list(range(rank, len(pairs), world))
-            part = score_pairs(scorer, [pairs[i] for i in shard], cfg.ref_batch_size, pad_id, accelerator.autocast,
-                               share_prompt=None if cfg.share_prompt else False,
+    with model.disable_adapter() if is_peft(model) else nullcontext():
+        for name, idx in todo.items():
+            shard = idx[rank::world]
+            part = score_pairs(scorer, [sets[name][i] for i in shard], cfg.ref_batch_size, pad_id,
+                               accelerator.autocast, share_prompt=None if cfg.share_prompt else False,
                                desc=f"reference log-probs ({name})" if accelerator.is_main_process else None)
+            pieces = [(shard, part)]
             if world > 1:
                 from accelerate.utils import gather_object
 
-                gathered = gather_object([(shard, part)])
-                full = torch.zeros(len(pairs), 2)
-                for sh, pt in gathered:
-                    full[sh] = pt
-                part = full
-            out[name] = part
+                pieces = gather_object(pieces)
+            for sh, pt in pieces:
+                if sh:
+                    out[name][sh] = pt
     if cache is not None and accelerator.is_main_process:
         tmp = cache.with_suffix(".tmp")
         torch.save({"fingerprint": fp, "logps": out}, tmp)
         tmp.replace(cache)
     return out
+
+
+def planned_pairs(n: int, cfg: DPOConfig, steps: int, world: int) -> list[int]:
+    """Every training pair index the ``steps`` optimizer steps will visit (all ranks)."""
+    seen: set[int] = set()
+    for rank in range(world):
+        it = core.batch_indices(n, cfg.batch_size, cfg.seed, rank, world)
+        for _ in range(steps * cfg.grad_accum):
+            seen.update(next(it))
+            if len(seen) == n:
+                return list(range(n))
+    return sorted(seen)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -697,12 +714,16 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
 
     # model, reference cache (before any update: the model is the reference now)
     model = core.prepare_model(load_policy(cfg.model), cfg).to(acc.device)
+    steps = core.total_steps(cfg, len(train_set), acc.num_processes)
+    n_eval = min(len(eval_set), cfg.max_eval_records)
     t_ref = time.time()
-    ref = reference_logps(model, cfg, {"train": train_set, "eval": eval_set}, pad_id, acc, run.path / "ref_logps.pt")
+    ref = reference_logps(model, cfg, {"train": train_set, "eval": eval_set[:n_eval]}, pad_id, acc,
+                          run.path / "ref_logps.pt",
+                          needed={"train": planned_pairs(len(train_set), cfg, steps, acc.num_processes),
+                                  "eval": list(range(n_eval))})
     t_ref = time.time() - t_ref
 
     # optimizer, schedule, resume
-    steps = core.total_steps(cfg, len(train_set), acc.num_processes)
     scorer = SequenceLogps(model)
     share = cfg.share_prompt and share_prompt_ok(model)
     opt = core.build_optimizer(model, cfg)
@@ -717,18 +738,17 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
     batches = core.batch_indices(len(train_set), cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes,
                                  start_batch=step * cfg.grad_accum)
 
-    def evaluate(final: bool = False) -> dict[str, float]:
+    def evaluate() -> dict[str, float]:
         with torch.random.fork_rng(devices=[]):  # sampling must not shift the training RNG stream
-            return _evaluate(final)
+            return _evaluate()
 
-    def _evaluate(final: bool) -> dict[str, float]:
-        """Held-out pairs (the first ``max_eval_records`` periodically, all at the end) + KL."""
+    def _evaluate() -> dict[str, float]:
+        """The first ``max_eval_records`` held-out pairs, and the KL on held-out prompts."""
         m = {}
-        n = len(eval_set) if final else min(len(eval_set), cfg.max_eval_records)
-        if n:
-            pol = score_pairs(acc.unwrap_model(scorer), eval_set[:n], cfg.ref_batch_size, pad_id, acc.autocast,
+        if n_eval:
+            pol = score_pairs(acc.unwrap_model(scorer), eval_set[:n_eval], cfg.ref_batch_size, pad_id, acc.autocast,
                               share_prompt=share)
-            m.update({f"eval_{k}": v for k, v in pair_metrics(pol, ref["eval"][:n], cfg).items()})
+            m.update({f"eval_{k}": v for k, v in pair_metrics(pol, ref["eval"], cfg).items()})
         if cfg.kl_prompts and prompts:
             m.update(kl_to_reference(model, tokenizer, prompts[:cfg.kl_prompts], cfg, pad_id, acc.autocast))
         return m
@@ -753,7 +773,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
             with ctx:
                 logps, _ = scorer(**b)
                 n = len(idx)
-                ref_b = ref["train"][idx].to(acc.device)
+                ref_b = ref["train"][idx].to(acc.device)  # planned_pairs guarantees these were computed
                 losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref_b[:, 0], ref_b[:, 1], cfg.beta, cfg.loss,
                                           cfg.label_smoothing)
                 acc.backward(losses.mean() / cfg.grad_accum)
@@ -784,7 +804,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
             window, tokens, t_window = [], 0, time.time()
         if step % cfg.eval_every == 0 or step == steps or out_of_time:
             if acc.is_main_process:
-                last_eval = evaluate(final=step == steps or out_of_time)
+                last_eval = evaluate()
                 run.log(step, **last_eval)
                 say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
             t_window = time.time()  # evaluation time is not training time
@@ -799,7 +819,9 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
 
     summary: dict[str, Any] = {"train_time_s": round(train_s, 1), "reference_time_s": round(t_ref, 1),
                                "planned_steps": steps, "data": report.to_dict(), "train_pairs": len(train_set),
-                               "eval_pairs": len(eval_set), **last_eval}
+                               "pairs_seen": step * cfg.batch_size * cfg.grad_accum * acc.num_processes,
+                               "eval_pairs": n_eval, "heldout_pairs": len(eval_set),
+                               "cpu_time_s": round(time.process_time(), 1), **last_eval}
     if cfg.judge and prompts and acc.is_main_process:
         summary.update(judge_win_rate(model, tokenizer, prompts, cfg))
         say(f"win rate vs the starting policy ({summary['judge_prompts']} prompts, judge {cfg.judge}): "
