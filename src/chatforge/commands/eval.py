@@ -36,6 +36,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples with --seed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--gen-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="weights for decoding (auto: bf16 on CPUs with native bf16); perplexity and KL stay fp32")
     p.add_argument("--judge-url", metavar="URL", help="OpenAI-compatible endpoint of an LLM judge (e.g. http://host:8000/v1)")
     p.add_argument("--judge-model", metavar="NAME", help="model name sent to the judge")
     p.add_argument("--report", action="store_true", help="also write report.html / report.md into --out")
@@ -69,7 +71,7 @@ def run(args) -> int:
 
     settings = EvalSettings(max_prompts=args.max_prompts, max_heldout=args.max_heldout,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, gen_dtype=args.gen_dtype)
     judge = Judge(args.judge_url, args.judge_model, api_key=os.environ.get("CHATFORGE_JUDGE_KEY")) \
         if args.judge_url else None
     out = Path(args.out) if args.out else default_out(list(runs.values()))

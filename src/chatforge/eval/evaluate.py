@@ -64,7 +64,9 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 8
     max_len: int = 1024            # truncation for perplexity / KL / RM inputs
-    dtype: str = "fp32"
+    dtype: str = "fp32"            # weights for perplexity, log-probs, KL: fp32 keeps small checkpoint deltas
+    gen_dtype: str = "auto"        # weights for decoding: auto = bf16 on CPUs with native bf16 (~1.5x faster
+                                   # here, and what `chatforge chat` uses), else as `dtype`
     z: float = 2.0                 # regressions: paired difference beyond z standard errors
 
     def validate(self) -> "EvalSettings":
@@ -73,6 +75,9 @@ class EvalSettings:
                 raise ConfigError(f"{k}: must be an integer >= {lo}, got {getattr(self, k)!r}")
         if self.temperature < 0:
             raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
+        for k in ("dtype", "gen_dtype"):
+            if getattr(self, k) not in ("auto", "fp32", "bf16", "fp16"):
+                raise ConfigError(f"{k}: must be auto, fp32, bf16 or fp16, got {getattr(self, k)!r}")
         return self
 
 
@@ -341,6 +346,24 @@ def heldout_nll(model, tokenizer, convs: list[list[dict]], template: str, batch_
     return out
 
 
+def decoding_copy(model, gen_dtype: str):
+    """The model to decode with: itself, or a bf16 copy (see ``EvalSettings.gen_dtype``)."""
+    import copy
+
+    import torch
+
+    from chatforge.models.load import fast_bf16_cpu, pick_dtype
+
+    dev = next(model.parameters()).device
+    if gen_dtype == "auto":
+        want = torch.bfloat16 if dev.type == "cpu" and fast_bf16_cpu() else next(model.parameters()).dtype
+    else:
+        want = pick_dtype(gen_dtype, dev)
+    if want == next(model.parameters()).dtype:
+        return model
+    return copy.deepcopy(model).to(want)
+
+
 def generate_responses(model, tokenizer, prompts: list[list[dict]], template: str, s: EvalSettings) -> list[dict]:
     """Engine completions for every prompt: ``{"prompt_ids", "token_ids", "text", "finish_reason"}``.
 
@@ -489,10 +512,10 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
             gen[t.label] = hit
             continue
         t0 = time.time()
-        model, tok = load(t.path, dtype=s.dtype)
+        model, tok = load(t.path, dtype=s.dtype, merge_adapter=True)
         model.eval()
         nll = heldout_nll(model, tok, convs, t.template, max(1, s.batch_size // 2), s.max_len) if convs else []
-        resp = generate_responses(model, tok, prompt_msgs, t.template, s)
+        resp = generate_responses(decoding_copy(model, s.gen_dtype), tok, prompt_msgs, t.template, s)
         lps = response_logprobs(model, [r["prompt_ids"] for r in resp], [r["token_ids"] for r in resp],
                                 max(1, s.batch_size // 2), s.max_len)
         for r, lp in zip(resp, lps):
@@ -519,7 +542,7 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
                 todo.append(t)
         if not todo:
             continue
-        model, tok = load(ref, dtype=s.dtype)
+        model, tok = load(ref, dtype=s.dtype, merge_adapter=True)
         model.eval()
         for t in todo:
             g = gen[t.label]
