@@ -175,6 +175,9 @@ def test_smollm2_label_mask(smol):
     assert [enc.labels[t - 1] for t in enc.turn_ends] == [2, 2]  # eos == pad keeps its label
     text = smol.decode(enc.input_ids)
     assert "You are a helpful AI assistant named SmolLM" in text  # the template's default system prompt, unlabelled
+    assert encode_prompt(smol, chat[:3]) == reference_ids(smol, smol.chat_template, chat[:3], gen=True)
+    pr = encode_prompt_response(smol, chat[:3], "You're welcome.")
+    assert pr.input_ids == enc.input_ids and labelled_runs(smol, pr) == ["You're welcome.<|im_end|>"]
     rnd = random.Random(7)
     for _ in range(40):
         c = random_chat(rnd)
@@ -458,3 +461,12 @@ def test_real_records_smollm2(smol):
         for rec, enc in zip(recs, get_encoder(smol).encode_many([r.messages for r in recs])):
             assert enc.input_ids == reference_ids(smol, smol.chat_template, rec.messages), rec.meta
             assert [enc.labels[t - 1] for t in enc.turn_ends] == [2] * len(enc.turn_ends)  # <|im_end|> == pad, labelled
+
+
+def test_label_counts_match_masks(tok):
+    rnd = random.Random(9)
+    for name in BUILTINS:
+        for train_on in ("assistant", "last_assistant", "all"):
+            for chat in (random_chat(rnd) for _ in range(20)):
+                e = encode_messages(tok, chat, template=name, train_on=train_on)
+                assert e.n_labels == sum(1 for x in e.labels if x != IGNORE_INDEX)

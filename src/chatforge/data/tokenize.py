@@ -170,7 +170,7 @@ class Encoder:
     def _prepare(self, messages: list[dict], gen: bool, jobs: list[str]) -> tuple[Any, Any]:
         """Queue the texts to tokenise; returns (finish function, its state)."""
         if self.fmt.fast:
-            roles = tuple(m["role"] for m in messages)
+            roles = tuple([m["role"] for m in messages])
             key = (roles, gen)
             plan = self._plans.get(key, False)
             if plan is False:
@@ -180,7 +180,7 @@ class Encoder:
                 if not self._may_hold_special(contents):
                     first = len(jobs)
                     for job in plan.jobs:
-                        jobs.append("".join(contents[p] if type(p) is int else p for p in job.parts))
+                        jobs.append("".join([contents[p] if type(p) is int else p for p in job.parts]))
                     return self._assemble_plan, (plan, contents, first)
         r = self.render(messages, gen)
         return self._assemble, (r, self._fragments(r.text, jobs))
@@ -222,9 +222,12 @@ class Encoder:
             return Encoded(ids, list(ids), [t1 for _, t1 in token_spans], len(ids))
         chosen = token_spans[-1:] if self.train_on == "last_assistant" else token_spans
         labels = [IGNORE_INDEX] * len(ids)
+        n = done = 0
         for t0, t1 in chosen:
             labels[t0:t1] = ids[t0:t1]
-        return Encoded(ids, labels, [t1 for _, t1 in chosen], len(labels) - labels.count(IGNORE_INDEX))
+            n += max(t1 - max(t0, done), 0)  # spans are in order; a shared token counts once
+            done = max(done, t1)
+        return Encoded(ids, labels, [t1 for _, t1 in chosen], n)
 
     def _fragments(self, text: str, jobs: list[str]) -> list[list]:
         """Cut ``text`` at special tokens, as the tokenizer does: [char_start, special id | -1, payload]."""
