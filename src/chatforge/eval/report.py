@@ -103,8 +103,8 @@ def stage_curves(name: str, run: str | Path, out_dir: Path) -> Path | None:
 
 
 def checkpoint_curves(result: EvalResult, out: Path) -> Path | None:
-    """Per-checkpoint evaluation figures vs training step, one line per run: where the
-    oscillations show."""
+    """Per-checkpoint evaluation figures vs training step, a row of panels per run with at
+    least two checkpoints: where the oscillations show."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,21 +120,21 @@ def checkpoint_curves(result: EvalResult, out: Path) -> Path | None:
     keys = [k for k in keys if any(r.get(k) is not None for v in runs.values() for r in v)]
     if not runs or not keys:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        for run, rs in runs.items():
-            pts = sorted((r["step"], r[k]) for r in rs if r.get(k) is not None)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=run)
-            for r in rs:
-                if r.get("best") and r.get(k) is not None and k == result.selection:
-                    ax.plot([r["step"]], [r[k]], marker="*", markersize=14, color="gold", markeredgecolor="k")
-                if r.get("regressions") and r.get(k) is not None and k == result.selection:
-                    ax.plot([r["step"]], [r[k]], marker="x", markersize=10, color="red")
-        ax.set_title(k)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("evaluation per checkpoint (★ best, × regression)")
+    # one row of panels per run: steps of different stages are not on one scale
+    fig, axes = plt.subplots(len(runs), len(keys), figsize=(3.6 * len(keys), 2.7 * len(runs) + 0.4), squeeze=False)
+    for row_axes, (run, rs) in zip(axes, runs.items()):
+        for ax, k in zip(row_axes, keys):
+            pts = sorted(((r["step"], r[k], r) for r in rs if r.get(k) is not None), key=lambda p: p[0])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+            for x, y, r in pts:
+                if k == result.selection and r.get("best"):
+                    ax.plot([x], [y], marker="*", markersize=15, color="gold", markeredgecolor="k")
+                if r.get("regressions"):
+                    ax.plot([x], [y], marker="x", markersize=10, color="red", mew=2)
+            ax.set_title(f"{run}: {k}", fontsize=10)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    fig.suptitle("evaluation per checkpoint (★ best, × worse than an earlier checkpoint)")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -168,6 +168,20 @@ def table(result: EvalResult) -> tuple[list[str], list[list[str]]]:
             cells.append(c)
         body.append(cells)
     return header, body
+
+
+def best_lines(result: EvalResult) -> list[str]:
+    """'best of ppo: ppo/step-40 (win_rate 0.71)' per run, then the overall best and how to chat with it."""
+    out = []
+    for run, lab in result.best.items():
+        if run == "overall":
+            continue
+        v = result.row(lab).get(result.selection) if result.selection else None
+        out.append(f"best of {run}: {lab} ({result.selection} {_cell(v, '.3g')})")
+    if "overall" in result.best:
+        out.append(f"best overall: {result.best['overall']} - chat with it: "
+                   f"chatforge chat {result.row(result.best['overall'])['path']}")
+    return out
 
 
 def markdown_table(result: EvalResult) -> str:
@@ -264,6 +278,8 @@ def render_html(title: str, figures: list[tuple[str, Path]], result: EvalResult 
         h.append(f"<p class=meta>{len(result.prompts)} held-out prompts · max {_esc(st.get('max_new_tokens'))} new "
                  f"tokens · {'greedy' if not st.get('temperature') else 'temperature ' + _esc(st.get('temperature'))}"
                  f" · best by <b>{_esc(result.selection or 'nothing')}</b></p>")
+        for line in best_lines(result):
+            h.append(f"<p>★ {_esc(line)}</p>")
         for w in result.warnings:
             h.append(f"<div class=warn>⚠ {_esc(w)}</div>")
         header, body = table(result)
@@ -312,7 +328,7 @@ def render_markdown(title: str, figures: list[tuple[str, Path]], result: EvalRes
     md = [f"# {title}", ""]
     if result is not None:
         md += ["## Checkpoints", "", markdown_table(result), "", LEGEND, ""]
-        md += [f"**best**: {k}: {v}" + "  " for k, v in result.best.items()]
+        md += [f"★ {line}  " for line in best_lines(result)]
         md += [""] + [f"> ⚠ {w}" + "  " for w in result.warnings] + [""]
         md += [f"- {n}" for n in result.notes] + [""]
     if figures:
