@@ -88,6 +88,7 @@ def get_template(tokenizer: Any, name: str = "auto") -> str:
     To make a saved model carry the template it was trained with, set
     ``tokenizer.chat_template = get_template(tokenizer, name)``.
     """
+    name = name or "auto"
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates: the default one renders chats
         own = own.get("default")

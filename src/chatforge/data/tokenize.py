@@ -94,7 +94,6 @@ class Encoder:
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         if self.backend is None:
             raise ConfigError("chatforge needs a fast tokenizer (one with a tokenizer.json) to build label masks")
-        self.tokenizer = tokenizer
         self.template = get_template(tokenizer, template)
         self.fmt: ChatFormat = chat_format(tokenizer, self.template)
         self.train_on = train_on
