@@ -19,7 +19,10 @@ each runs in its own subprocess, so each peak RSS is that stage's own:
             assistant turns of SmolLM2's template itself (no ``{% generation %}`` patch for it).
 
 records/s is input records over the stage's wall time (tokenizer loading excluded, shown
-apart). Goal: >= 20k records/s end to end and peak RSS < 2 GiB.
+apart); cpu us/rec is CPU time (all threads, worker processes included) per input record,
+the figure to compare on a shared machine. Peak RSS is the stage process's, "children" the
+largest worker's. Goal: >= 20k records/s end to end and peak RSS < 2 GiB. The trl stage
+needs TRL (``pip install -e ".[bench]"``) and is skipped without it.
 
     .venv/bin/python bench/data.py                      # 1M records, every stage
     .venv/bin/python bench/data.py --records 20000      # smoke run
@@ -29,6 +32,7 @@ apart). Goal: >= 20k records/s end to end and peak RSS < 2 GiB.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -273,6 +277,9 @@ def main(argv=None) -> None:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         sys.exit(f"unknown stage(s) {', '.join(bad)}; stages: {', '.join(STAGES)}")
+    if "trl" in stages and importlib.util.find_spec("trl") is None:
+        print("trl is not installed: skipping the peer stage (pip install -e '.[bench]')")
+        stages.remove("trl")
     with tempfile.TemporaryDirectory(prefix="chatforge-bench-data-") as tmp:
         path = Path(args.out) if args.out else Path(tmp) / "alpaca.jsonl"
         if path.exists() and sum(1 for _ in open(path, "rb")) == args.records:
