@@ -396,7 +396,7 @@ def test_compiled_plans_equal_general_path(tok, name, train_on):
 
 
 def test_pretoken_cache_matches_rust(tok):
-    from chatforge.data.tokenize import _PretokenBPE
+    from chatforge.data.encoder import _PretokenBPE
 
     fast = _PretokenBPE.build(tok.backend_tokenizer)
     assert fast is not None  # the tiny tokenizer is byte-level BPE, like SmolLM2
