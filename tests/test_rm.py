@@ -287,3 +287,74 @@ def test_tiny_rm_learns_marker_word(tmp_path):
     s = scorer.score([[msg("user", "tea?")]] * 2, ["milk blue tea", "milk tea"])
     assert s[0] > s[1]
     assert model_dir == tmp_path / "run" / "model"
+
+
+def test_freeze_bottom_layers_only_top_trains():
+    rm, tok, pad = _rm()
+    assert rm.freeze_bottom(1) == 1
+    trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.layers.1.", "model.norm.", "score.")) for n in trainable)
+    ids, mask = pad_batch(_seqs(tok), pad)
+    rm.train()
+    rm.scores(ids, mask).sum().backward()
+    assert rm.model.layers[0].self_attn.q_proj.weight.grad is None
+    assert rm.model.layers[1].self_attn.q_proj.weight.grad is not None
+    with pytest.raises(Exception, match="has 2 layers"):
+        rm.freeze_bottom(3)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def test_resume_continues_exactly(tmp_path):
+    """2 steps + resume to 4 == 4 steps straight (constant lr, same data order)."""
+    from chatforge.train.rm import train
+
+    data = tmp_path / "prefs.jsonl"
+    write_jsonl(marker_prefs(40), data)
+    kw = dict(max_steps=4, schedule="constant", warmup_steps=0, save_every=2, eval_every=1000, log_every=1,
+              batch_size=4, eval_fraction=0.25)
+    straight = tiny_cfg(tmp_path / "a", [str(data)], **kw)
+    train(straight)
+    half = tiny_cfg(tmp_path / "b", [str(data)], **dict(kw, max_steps=2))
+    train(half)
+    train(tiny_cfg(tmp_path / "b", [str(data)], **kw), resume=True)
+    a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    rows = [json.loads(l) for l in open(tmp_path / "b" / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_cli_rm_kwise_then_score(tmp_path, capsys):
+    from chatforge.cli import main
+
+    data = tmp_path / "rank.jsonl"
+    rng = random.Random(1)
+    recs = []
+    for i in range(30):  # 'blue' twice > once > never
+        words = [rng.choices(WORDS, k=3) for _ in range(3)]
+        texts = [" ".join(words[0] + ["blue", "blue"]), " ".join(words[1][:1] + ["blue"] + words[1][1:]),
+                 " ".join(words[2])]
+        recs.append(Ranking([msg("user", f"q{i}?")], [msg("assistant", t) for t in texts], {"line": i + 1}))
+    recs.append(_pref("q?", "same", "same", 99))
+    write_jsonl(recs, data)
+    out = tmp_path / "run"
+    assert main(["rm", "--model", "tiny", "--data", str(data), "--out", str(out), "--loss", "kwise",
+                 "max_steps=3", "precision=fp32", "max_len=64", "log_every=1", "eval_every=1000"]) == 0
+    text = capsys.readouterr().out
+    assert "skipped: identical responses (a tie) 1" in text and "loss=kwise" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["loss_fn"] == "kwise" and summary["eval_rankings"] == 6 and "eval_tau" in summary
+    scored = tmp_path / "scored.jsonl"
+    assert main(["score", "--rm", str(out), "--data", str(out / "heldout.jsonl"), "-o", str(scored)]) == 0
+    rows = [json.loads(l) for l in open(scored)]
+    assert len(rows) == 6 and all(len(r["scores"]) == 3 and "tau" in r for r in rows)
+    assert "pairwise accuracy" in capsys.readouterr().out
+    assert main(["score", "--rm", str(out), "--prompt", "q?", "--response", "blue"]) == 0
+    float(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["score", "--rm", str(out), "--prompt", "q?"]) == 2
