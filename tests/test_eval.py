@@ -266,6 +266,11 @@ def test_assemble_falls_back_to_perplexity():
     assert res.selection == "ppl" and res.best["sft"] == "sft/step-2"
     assert res.row("sft/step-2")["ppl"] == pytest.approx(math.exp(1.5))
     assert len(res.warnings) == 1 and "step-3 is worse than the earlier step-2 on ppl" in res.warnings[0]
+    # a plain model is not starred (nothing to choose between) but can be the best overall
+    base = Target("base", "base", "smollm2")
+    gen[base.label] = _fake_gen(["ok"], [1.0] * 4)
+    res = assemble([base] + ts, gen, {}, {}, {}, None, [[{"role": "user", "content": "q"}]], EvalSettings(), [])
+    assert res.best == {"sft": "sft/step-2", "overall": "base"} and not res.row("base")["best"]
 
 
 # ---------------------------------------------------------------- end to end on tiny checkpoints

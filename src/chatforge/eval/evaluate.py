@@ -704,6 +704,7 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
     best: dict[str, str] = {}
     warnings: list[str] = []
     by_run: dict[str, list[int]] = {}
+    run_best: list[int] = []  # the best row of each run, plain models included
     evaluated_runs = {t.run for t in targets if t is not base_target}
     for i, r in enumerate(rows):
         if r["run"] in evaluated_runs:  # a baseline added only for comparison has no trajectory
@@ -713,6 +714,9 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
             break
         bi = _best_row(rows, idx, selection, higher)
         if bi is None:
+            continue
+        run_best.append(bi)
+        if len(idx) < 2:  # a plain model: nothing to choose between, but it competes overall
             continue
         rows[bi]["best"] = True
         best[run] = rows[bi]["label"]
@@ -733,9 +737,9 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
                        f"({_fmt(v)} vs {_fmt(ev)}; paired difference {reg.delta:.3g} > {s.z:g} x se {reg.se:.2g})")
                 warnings.append(msg)
                 ri.setdefault("regressions", []).append(f"{what} worse than {re_['checkpoint']}")
-    candidates = [i for i, r in enumerate(rows) if r.get("best")]
-    if selection is not None and candidates:
-        best["overall"] = rows[_best_row(rows, candidates, selection, higher)]["label"]
+    run_best += [i for i, r in enumerate(rows) if r["run"] not in evaluated_runs]  # a baseline may beat them all
+    if selection is not None and run_best:
+        best["overall"] = rows[_best_row(rows, run_best, selection, higher)]["label"]
     for r in rows:
         r.setdefault("best", False)
     pr = [{"index": i, "text": prompt_text(p), "messages": p} for i, p in enumerate(prompt_msgs)]

@@ -156,8 +156,9 @@ def table(result: EvalResult) -> tuple[list[str], list[list[str]]]:
     header = ["model"] + [c[1] for c in cols]
     body = []
     for r in result.rows:
-        name = r["label"] + (" (final)" if r.get("final") and r["checkpoint"] != "final" else "")
-        name += " (baseline)" if r.get("baseline") else ""
+        tags = [t for t, on in (("final", r.get("final") and r["checkpoint"] != "final"),
+                                ("baseline", r.get("baseline"))) if on]
+        name = r["label"] + (f" ({', '.join(tags)})" if tags else "")
         name += " ★" if r.get("best") else ""
         name += " ⚠" if r.get("regressions") else ""
         cells = [name]
