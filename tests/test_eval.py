@@ -56,6 +56,7 @@ def test_loop_positives(text):
     "I like blue and green. I like blue and green.",       # only two periods
     "blue blue blue",                                      # three, but a span < 8 tokens
     "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12",               # regular, not periodic
+    "| a | b |\n|---|---|\n---------------------------",     # a separator line, punctuation only
     "",
 ])
 def test_loop_negatives(text):
