@@ -34,20 +34,25 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def split_overrides(args) -> tuple[list[str], list[str]]:
-    """``--data a.jsonl lr=1e-5``: argparse hands ``lr=1e-5`` to --data; give it back."""
-    files, overrides = [], list(args.overrides or [])
-    for item in args.data or []:
-        (overrides if _OVERRIDE.match(item) and not Path(item).exists() else files).append(item)
-    return files, overrides
+def split_overrides(args) -> tuple[list[str], list[str], list[str]]:
+    """``--data a.jsonl lr=1e-5``: argparse hands ``lr=1e-5`` to --data; give it back.
+    Returns (data files, eval data files, overrides)."""
+    overrides = list(args.overrides or [])
+    lists = []
+    for items in (args.data or [], args.eval_data or []):
+        files = []
+        for item in items:
+            (overrides if _OVERRIDE.match(item) and not Path(item).exists() else files).append(item)
+        lists.append(files)
+    return lists[0], lists[1], overrides
 
 
 def build_config(args):
     from chatforge.config import deep_merge, load_config, parse_overrides, read_yaml
     from chatforge.train.dpo import DPOConfig
 
-    files, overrides = split_overrides(args)
-    flags = {"model": args.policy, "data": files or None, "eval_data": args.eval_data, "out": args.out,
+    files, eval_files, overrides = split_overrides(args)
+    flags = {"model": args.policy, "data": files or None, "eval_data": eval_files or None, "out": args.out,
              "loss": args.loss, "beta": args.beta, "lora": args.lora}
     over = deep_merge(parse_overrides(overrides), {k: v for k, v in flags.items() if v is not None})
     recipe, section = args.config, None
