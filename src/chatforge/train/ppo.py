@@ -315,11 +315,11 @@ def ppo_update(pv, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_id:
 
 # ---------------------------------------------------------------- evaluation
 def generate_texts(model, tokenizer, prompt_ids: list[list[int]], cfg: PPOConfig, temperature: float, seed: int,
-                   autocast=nullcontext, context=nullcontext) -> list[xp.Episode]:
-    """One response per prompt (``context``: e.g. the adapter switched off)."""
+                   context=nullcontext) -> list[xp.Episode]:
+    """One response per prompt (``context``: e.g. the adapter switched off); fp32 decoding."""
     from chatforge.generate.engine import Engine
 
-    with context(), autocast():
+    with context():
         eng = Engine(model, tokenizer)
         comps = eng.generate(prompt_ids, sampling_config(cfg, tokenizer, seed, temperature))
     return [xp.Episode([], p, list(c.token_ids), c.text, c.finish_reason != "length", c.logprobs)
@@ -343,9 +343,8 @@ def evaluate_policy(pv: xp.PolicyValue, ref_pv: xp.PolicyValue, ref_context, tok
     ids = encode_prompts(tokenizer, prompts[:cfg.eval_prompts], cfg)
     use = prompts[:len(ids)]
     ref_model = ref_pv.model
-    ours = generate_texts(model, tokenizer, ids, cfg, cfg.eval_temperature, cfg.seed, autocast)
-    start = generate_texts(ref_model, tokenizer, ids, cfg, cfg.eval_temperature, cfg.seed, autocast,
-                           ref_context or nullcontext)
+    ours = generate_texts(model, tokenizer, ids, cfg, cfg.eval_temperature, cfg.seed)
+    start = generate_texts(ref_model, tokenizer, ids, cfg, cfg.eval_temperature, cfg.seed, ref_context or nullcontext)
     out: dict[str, Any] = {"eval_prompts": len(ids)}
     for name, eps in (("policy", ours), ("start", start)):
         texts = [e.text for e in eps]
@@ -364,7 +363,7 @@ def evaluate_policy(pv: xp.PolicyValue, ref_pv: xp.PolicyValue, ref_context, tok
                    judge_score_start=sum(s_start) / len(s_start))
     if cfg.eval_kl_prompts:
         kl_ids = ids[:cfg.eval_kl_prompts]
-        eps = generate_texts(model, tokenizer, kl_ids, cfg, cfg.temperature, cfg.seed + 1, autocast)
+        eps = generate_texts(model, tokenizer, kl_ids, cfg, cfg.temperature, cfg.seed + 1)
         order = [list(range(i, min(i + cfg.batch_size, len(eps)))) for i in range(0, len(eps), cfg.batch_size)]
         lp, _ = xp.teacher_forced(pv, eps, order, pad_id, device, autocast, values=False)
         lr, _ = xp.teacher_forced(ref_pv, eps, order, pad_id, device, autocast, values=False, ref_context=ref_context)
@@ -496,9 +495,10 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
         idx = next(batches)
         batch_prompts = [prompts[i] for i in idx]
         seed = cfg.seed * 1_000_003 + step
-        with acc.autocast():
-            episodes = xp.rollout(engine, batch_prompts, [prompt_ids[i] for i in idx],
-                                  sampling_config(cfg, tokenizer, seed), cfg.samples_per_prompt)
+        # decoding runs in fp32: one token per row per step is latency-bound, and autocast's
+        # per-op casts cost more than bf16 matmuls save (measured on SmolLM2, 2-core CPU)
+        episodes = xp.rollout(engine, batch_prompts, [prompt_ids[i] for i in idx],
+                              sampling_config(cfg, tokenizer, seed), cfg.samples_per_prompt)
         t_gen = time.time() - t_step
         r = rewards([e.prompt for e in episodes], [e.text for e in episodes], [e.finished for e in episodes])
         t_score = time.time() - t_step - t_gen
