@@ -135,12 +135,6 @@ def test_regressions_ignore_noise_and_respect_direction():
     assert M.regressions([[1.0], [0.0]], True, min_delta=2.0) == []
 
 
-def test_best_index():
-    assert M.best_index([0.2, 0.7, 0.7, float("nan")], True) == 1
-    assert M.best_index([5.0, 3.0, 4.0], False) == 1
-    assert M.best_index([float("nan")], True) is None
-
-
 # ---------------------------------------------------------------- LLM judge (fake server)
 class _FakeJudge(BaseHTTPRequestHandler):
     """Answers by content: prefers the answer containing 'GOOD'; says 'A' always if the
@@ -267,6 +261,11 @@ def test_assemble_falls_back_to_perplexity():
     assert res.selection == "ppl" and res.best["sft"] == "sft/step-2"
     assert res.row("sft/step-2")["ppl"] == pytest.approx(math.exp(1.5))
     assert len(res.warnings) == 1 and "step-3 is worse than the earlier step-2 on ppl" in res.warnings[0]
+    # identical checkpoints: the later one is kept, and no "best is not the last" note
+    same = [Target("dpo", f"step-{i}", f"/y/{i}", i) for i in (1, 2)]
+    gen.update({t.label: _fake_gen(["ok"], [1.5] * 4) for t in same})
+    res = assemble(same, gen, {}, {}, {}, None, [[{"role": "user", "content": "q"}]], EvalSettings(), [])
+    assert res.best["dpo"] == "dpo/step-2" and not res.notes and not res.warnings
     # a plain model is not starred (nothing to choose between) but can be the best overall
     base = Target("base", "base", "smollm2")
     gen[base.label] = _fake_gen(["ok"], [1.0] * 4)

@@ -720,9 +720,12 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
             continue
         rows[bi]["best"] = True
         best[run] = rows[bi]["label"]
-        if len(idx) > 1 and bi != idx[-1]:
-            notes.append(f"{run}: best checkpoint is {rows[bi]['checkpoint']} ({selection} {_fmt(rows[bi][selection])}), "
-                         f"not the last ({_fmt(rows[idx[-1]][selection])}): {rows[bi]['path']}")
+        if bi != idx[-1]:  # strictly better than the last (exact ties go to the later one)
+            last = rows[idx[-1]]
+            by = [selection] + (["rm_score"] if last.get(selection) == rows[bi][selection] else [])
+            notes.append(f"{run}: best checkpoint is {rows[bi]['checkpoint']} ("
+                         + ", ".join(f"{k} {_fmt(rows[bi].get(k))}" for k in by) + "), not the last ("
+                         + ", ".join(f"{k} {_fmt(last.get(k))}" for k in by) + f"): {rows[bi]['path']}")
         # oscillation: later checkpoints worse than earlier ones beyond noise
         labs = [rows[i]["label"] for i in idx]
         for metric, k, hi, md, what in ((selection, key, higher, min_delta, selection),
@@ -748,14 +751,15 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
 
 
 def _best_row(rows: list[dict], idx: list[int], selection: str, higher: bool) -> int | None:
-    """The best of ``rows[idx]`` by ``selection``; win rates saturate (every response beats
-    the baseline), so ties are broken by the mean RM score, then by the earlier checkpoint."""
+    """The best of ``rows[idx]`` by ``selection``. Win rates saturate (every response beats
+    the baseline, or all tie), so ties are broken by the mean RM score, then by the *later*
+    checkpoint: equal quality for more training is no reason to step back."""
     sign = 1.0 if higher else -1.0
     ok = [i for i in idx if rows[i].get(selection) is not None]
     if not ok:
         return None
     tie = "rm_score" if selection in ("win_rate", "judge_win_rate") else None
-    return max(ok, key=lambda i: (sign * rows[i][selection], (rows[i].get(tie) or -math.inf) if tie else 0.0, -idx.index(i)))
+    return max(ok, key=lambda i: (sign * rows[i][selection], (rows[i].get(tie) or -math.inf) if tie else 0.0, idx.index(i)))
 
 
 def _fmt(v: Any) -> str:

@@ -238,8 +238,3 @@ def regressions(items: Sequence[Sequence[float]], higher_is_better: bool, z: flo
             out.append(Regression(j, i, means[j], means[i], d, se))
     return out
 
-
-def best_index(values: Sequence[float], higher_is_better: bool) -> int | None:
-    """Index of the best finite value (the earliest on ties), None if there is none."""
-    cands = [(v if higher_is_better else -v, -i) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
-    return -max(cands)[1] if cands else None
