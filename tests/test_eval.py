@@ -417,3 +417,16 @@ def test_judge_speaks_to_our_own_server():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_token_loop_catches_what_words_miss():
+    from chatforge.eval.evaluate import token_loop
+    from chatforge.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    s_id = tok.convert_tokens_to_ids("s")
+    assert not M.falls_into_loop("s" * 16)                      # one "word" ...
+    assert token_loop(tok, [s_id] * 16)                        # ... but sixteen tokens in a loop
+    dash = tok.encode("-", add_special_tokens=False)
+    assert not token_loop(tok, dash * 16)                      # a separator rule is not a loop
+    assert not token_loop(tok, tok.encode("The sky is blue. The grass is green.", add_special_tokens=False))

@@ -82,7 +82,7 @@ def run(args) -> int:
         if run_ != "overall":
             print(f"best of {run_}: {lab} ({res.selection} {_value(res, lab)})")
     if "overall" in res.best:
-        print(f"best overall: {res.best['overall']}: chatforge chat {res.row(res.best['overall'])['path']}")
+        print(f"best overall: {res.best['overall']}: chatforge chat {res.row(res.best['overall'])['chat']}")
     for w in res.warnings:
         print(f"WARNING: {w}")
     for n in res.notes:

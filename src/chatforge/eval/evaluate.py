@@ -47,7 +47,7 @@ from chatforge.errors import ConfigError, DataError
 from chatforge.eval import metrics as M
 from chatforge.runs import atomic_write_text, checkpoint_step, list_checkpoints
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 REF_KEYS = ("ref_model", "reference", "ref")  # config keys naming a run's reference, else "model"
 
 
@@ -381,8 +381,16 @@ def generate_responses(model, tokenizer, prompts: list[list[dict]], template: st
                              top_k=s.top_k, seed=s.seed + bi)
         for i, c in zip(b, engine.generate([pids[i] for i in b], cfg)):
             out.append({"prompt_ids": pids[i], "token_ids": list(c.token_ids), "text": c.text,
-                        "finish_reason": c.finish_reason})
+                        "finish_reason": c.finish_reason,
+                        "token_loop": token_loop(tokenizer, c.token_ids[:-1] if c.finish_reason == "eos" else c.token_ids)})
     return out
+
+
+def token_loop(tokenizer, ids: Sequence[int]) -> bool:
+    """A loop in token ids that words do not show ("ssssssss" is one word, many tokens).
+    A unit that decodes to punctuation or spaces only is a separator, not a loop."""
+    lp = M.find_loop(list(ids))
+    return lp is not None and any(ch.isalnum() for ch in tokenizer.decode(list(lp.unit)))
 
 
 # ================================================================ cache
@@ -645,16 +653,18 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
         nll = g["nll"]
         ntok = sum(n for _, n in nll)
         conv_nll = [x / n for x, n in nll if n > 0]
-        loops = [1.0 if M.falls_into_loop(x) else 0.0 for x in texts]
+        loops = [1.0 if r.get("token_loop") or M.falls_into_loop(x) else 0.0 for r, x in zip(resp, texts)]
         row: dict[str, Any] = {
             "run": t.run, "checkpoint": t.name, "label": t.label, "path": t.path, "step": t.step,
             "final": t.final, "baseline": t.label == base_lab, "ref": t.ref,
+            "chat": t.run_dir if t.final and t.run_dir else t.path,  # what `chatforge chat` should load
             "ppl": math.exp(sum(x for x, _ in nll) / ntok) if ntok else None,
             "nll": M.mean(conv_nll) if conv_nll else None, "nll_se": M.stderr(conv_nll) if conv_nll else None,
             "kl": M.mean(kl[t.label]) if t.label in kl else None,
             "len_tokens": M.mean([len(r["token_ids"]) for r in resp]),
             "len_words": M.mean([len(M.words(x)) for x in texts]),
             **M.degeneration(texts, [r["finish_reason"] for r in resp]),
+            "loop_rate": M.mean(loops),  # words or tokens (see token_loop)
         }
         it = {"nll": conv_nll, "loop": loops}
         if t.label in rm_scores:

@@ -20,19 +20,23 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from chatforge.eval.evaluate import EvalResult
-from chatforge.runs import atomic_write_text, plot_curves, read_metrics
+from chatforge.runs import atomic_write_text, read_metrics
 
 # metric keys never worth a panel
 _BOOKKEEPING = ("step", "time", "lr", "tokens_per_s", "step_time_s", "grad_norm", "epoch", "peak_rss", "samples_per_s",
                 "wall", "tokens", "episodes", "episodes_per_s", "train_min")
-# what to plot first for each kind of stage (substrings of metric keys, in order)
-_PRIORITY = {
-    "sft": ("loss", "ppl", "acc"),
-    "rm": ("acc", "loss", "margin"),
-    "ppo": ("reward", "kl", "score", "entropy", "len", "loss"),
-    "dpo": ("loss", "acc", "margin", "reward"),
+# the panels of each kind of stage: (title, metric keys drawn together); train and held-out
+# values of one quantity share a panel so they can be compared at a glance
+PANELS = {
+    "sft": [("loss", ["loss", "eval_loss"]), ("held-out perplexity", ["eval_ppl"])],
+    "rm": [("accuracy", ["acc", "eval_acc"]), ("loss", ["loss", "eval_loss"]), ("margin", ["margin", "eval_margin"]),
+           ("ranking", ["eval_tau", "eval_top1"])],
+    "ppo": [("reward", ["reward", "score"]), ("KL to reference", ["kl", "kl_k3"]), ("entropy", ["entropy"]),
+            ("response length", ["response_len"]), ("end-of-turn rate", ["eot_rate"])],
+    "dpo": [("loss", ["loss", "eval_loss"]), ("accuracy", ["acc", "eval_acc"]), ("margin", ["margin", "eval_margin"]),
+            ("KL to reference", ["kl"])],
 }
-MAX_PANELS = 6
+MAX_PANELS = 5
 
 # (row key, column header, format)
 COLUMNS = [
@@ -69,37 +73,66 @@ def stage_kind(name: str, rows: Sequence[dict[str, Any]] = ()) -> str:
     return "sft"
 
 
-def curve_keys(rows: Sequence[dict[str, Any]], kind: str) -> list[str]:
-    """The metrics worth plotting, most telling first; ``eval_x`` right after ``x``."""
-    numeric: list[str] = []
+def numeric_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Metric keys with numbers, bookkeeping (time, lr, throughput) and details left out."""
+    out: list[str] = []
     for r in rows:
         for k, v in r.items():
-            if k in numeric or isinstance(v, bool) or not isinstance(v, (int, float)):
+            if k in out or isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             if any(k == b or k.startswith(b + "_") or k.endswith("_" + b) for b in _BOOKKEEPING):
                 continue
             if "/" in k or k.endswith("_std"):  # reward parts, spreads: detail for metrics.jsonl
                 continue
-            numeric.append(k)
-    chosen: list[str] = []
-    for sub in _PRIORITY.get(kind, ()):
-        for k in numeric:
-            if sub not in k.lower() or k in chosen:
-                continue
-            base = k[len("eval_"):] if k.startswith("eval_") else k
-            chosen += [x for x in (base, f"eval_{base}") if x in numeric and x not in chosen]
-    for k in numeric:  # eval-only metrics and anything else, after the priorities
-        if k not in chosen and len(chosen) < 2:
-            chosen.append(k)
-    return chosen[:MAX_PANELS]
+            out.append(k)
+    return out
+
+
+def stage_panels(rows: Sequence[dict[str, Any]], kind: str) -> list[tuple[str, list[str]]]:
+    """The known panels of a stage kind that have data; else one panel per metric."""
+    have = set(numeric_keys(rows))
+    panels = [(t, [k for k in keys if k in have]) for t, keys in PANELS.get(kind, [])]
+    panels = [(t, keys) for t, keys in panels if keys]
+    if not panels:
+        panels = [(k, [k]) for k in numeric_keys(rows)]
+    return panels[:MAX_PANELS]
+
+
+def plot_panels(rows: Sequence[dict[str, Any]], panels: list[tuple[str, list[str]]], out: Path, title: str = "",
+                x: str = "step") -> Path | None:
+    """One PNG, a panel per (title, keys); several keys in a panel are drawn as labelled lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.0), squeeze=False)
+    for ax, (name, keys) in zip(axes[0], panels):
+        for k in keys:
+            pts = [(r[x], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and x in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None,
+                    label=k, linestyle="--" if k.startswith("eval_") else "-")
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
 
 
 def stage_curves(name: str, run: str | Path, out_dir: Path) -> Path | None:
     rows = read_metrics(Path(run) / "metrics.jsonl")
     if not rows:
         return None
-    keys = curve_keys(rows, stage_kind(name, rows))
-    return plot_curves(rows, keys, out_dir / f"curves_{_slug(name)}.png", title=f"{name} ({Path(run).name})") if keys else None
+    return plot_panels(rows, stage_panels(rows, stage_kind(name, rows)), out_dir / f"curves_{_slug(name)}.png",
+                       title=f"{name} ({Path(run).name})")
 
 
 def checkpoint_curves(result: EvalResult, out: Path) -> Path | None:
@@ -180,8 +213,8 @@ def best_lines(result: EvalResult) -> list[str]:
         v = result.row(lab).get(result.selection) if result.selection else None
         out.append(f"best of {run}: {lab} ({result.selection} {_cell(v, '.3g')})")
     if "overall" in result.best:
-        out.append(f"best overall: {result.best['overall']} - chat with it: "
-                   f"chatforge chat {result.row(result.best['overall'])['path']}")
+        row = result.row(result.best["overall"])
+        out.append(f"best overall: {row['label']} - chat with it: chatforge chat {row.get('chat') or row['path']}")
     return out
 
 
@@ -317,7 +350,7 @@ def render_html(title: str, figures: list[tuple[str, Path]], result: EvalResult 
                         tags += "<span class='tag bad'>no EOS</span>"
                     if s.get("rm_score") is not None:
                         tags += f"<span class=tag>RM {s['rm_score']:.2f}</span>"
-                    h.append(f"<td>{_esc(_clip(s['response'], max_chars))}{tags}</td>")
+                    h.append(f"<td>{_esc(_clip(s['response'].strip(), max_chars)) or '<i>(empty)</i>'}{tags}</td>")
                 h.append("</tr>")
             h.append("</table>")
     h.append("</body></html>")
@@ -342,7 +375,7 @@ def render_markdown(title: str, figures: list[tuple[str, Path]], result: EvalRes
                 md.append(f"**{_clip(row['prompt'], 300)}**".replace("\n", " "))
                 md.append("")
                 for c, s in zip(cols, row["responses"]):
-                    txt = "–" if s is None else _clip(s["response"], max_chars).replace("\n", " ")
+                    txt = "–" if s is None else _clip(s["response"].strip(), max_chars).replace("\n", " ") or "(empty)"
                     md.append(f"- *{_column_title(c)}*: {txt}")
                 md.append("")
     return "\n".join(md) + "\n"
