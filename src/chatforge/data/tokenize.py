@@ -94,7 +94,7 @@ class TokenizeStats:
     def merge(self, other: "TokenizeStats") -> "TokenizeStats":
         for k, v in asdict(other).items():
             if k == "first_errors":
-                self.first_errors.extend(v[: MAX_ERRORS_KEPT - len(self.first_errors)])
+                self.first_errors.extend(v[: max(0, MAX_ERRORS_KEPT - len(self.first_errors))])
             else:
                 setattr(self, k, getattr(self, k) + v)
         return self
