@@ -397,6 +397,9 @@ def test_cli_eval(tiny_runs, capsys):
     assert "sft/step-0000001" in out and "best of sft" in out and "ppl" in out
     assert (root / "eval-cli" / "report.html").exists()
     assert main(["eval", str(root / "nope")]) == 2
+    assert main(["eval", "tiny", "--judge-url", "http://127.0.0.1:9/v1"]) == 2  # without --judge-model
+    err = capsys.readouterr().err
+    assert "nope" in err and "--judge-url and --judge-model go together" in err
 
 
 def test_judge_speaks_to_our_own_server():

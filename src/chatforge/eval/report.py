@@ -55,7 +55,7 @@ COLUMNS = [
 ]
 
 LEGEND = ("ppl: held-out perplexity (assistant tokens) · KL: Σ log π/π_ref over the response, to the run's "
-          "starting model · RM: mean reward · win: RM win rate vs the baseline (ties ½) [95% bootstrap] · judge: "
+          "starting model (a plain model: to the baseline) · RM: mean reward · win: RM win rate vs the baseline (ties ½) [95% bootstrap] · judge: "
           "LLM-judge win rate (both orders) · len: response tokens · rep3: repeated 3-gram rate · d-1/d-2: "
           "distinct-1/2 · loop: share of responses ending in a loop · no-EOS: share cut by the token budget · "
           "★ best checkpoint of its run · ⚠ worse than an earlier checkpoint beyond noise")
