@@ -364,6 +364,16 @@ def test_evaluate_tiny_checkpoints_end_to_end(tiny_runs, tiny_eval, fake_judge_u
     res2 = evaluate_runs({"sft": root / "sft"}, baseline="tiny", heldout=root / "heldout.jsonl", rm=root / "rm",
                          judge=Judge(fake_judge_url, "fake"), out=out, settings=s)
     assert res2.rows == res.rows and _FakeJudge.seen == calls
+    # without --heldout the run's own eval_data is used (same data: the same cached numbers)
+    cfg = root / "sft" / "config.yaml"
+    old = cfg.read_text()
+    cfg.write_text(old + f"eval_data: [{root / 'heldout.jsonl'}]\n")
+    try:
+        res3 = evaluate_runs({"sft": root / "sft"}, baseline="tiny", rm=root / "rm", judge=Judge(fake_judge_url, "fake"),
+                             out=out, settings=s)
+    finally:
+        cfg.write_text(old)
+    assert res3.rows == res.rows
 
 
 def test_report_files(tiny_runs, tiny_eval):

@@ -490,6 +490,8 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
             Path(t.path).exists() and Path(resolve(t.path).path).resolve() == base_dir)), None)
         if base_target is None:
             lab = Path(base_str).name if Path(base_str).exists() else base_str
+            if any(t.run == lab for t in targets):  # e.g. another pipeline's "sft"
+                lab = f"baseline-{lab}"
             bt, n = targets_of(lab, base_str, None)
             base_target = bt[-1]  # a run's final model (its newest checkpoint when unfinished)
             notes += n
@@ -497,8 +499,7 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
 
     fallback = None
     for t in targets:
-        cfg = _read_yaml(Path(t.path).parent.parent / "config.yaml") if t.step is not None or t.final else {}
-        ed = cfg.get("eval_data")
+        ed = _read_yaml(Path(t.run_dir) / "config.yaml").get("eval_data") if t.run_dir else None
         if isinstance(ed, list) and ed:
             fallback = ed[0]
             break
