@@ -106,18 +106,33 @@ def test_finished_rows_leave_the_batch(model, tok):
     assert min(sizes) < max(sizes)
 
 
-def test_peft_wrapped_model(model, tok):
+@pytest.mark.parametrize("fast", [False, True])
+def test_peft_wrapped_model(model, tok, fast):
     peft = pytest.importorskip("peft")
-    lora = peft.get_peft_model(spicy_tiny(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8))
+    lora = peft.get_peft_model(spicy_tiny(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                              lora_alpha=8))
     with torch.no_grad():
         for n, p in lora.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)  # a non-trivial adapter
-    eng = Engine(lora, tok, eos_token_ids=[EOS])
+    eng = Engine(lora, tok, eos_token_ids=[EOS], fast=fast)
+    assert type(eng.decoder).__name__ == ("FastLlamaDecoder" if fast else "HFDecoder")
     p = tok.encode(PROMPTS[0])
-    got = eng.generate([p], SamplingConfig(temperature=0, max_new_tokens=20))[0].token_ids
-    assert got == hf_greedy(lora, p, 20)
-    assert got != hf_greedy(model, p, 20)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=20, logprobs=True)
+    got = eng.generate([p], cfg)[0]
+    assert got.token_ids == hf_greedy(lora, p, 20)
+    assert got.token_ids != hf_greedy(model, p, 20)
+    assert got.logprobs == pytest.approx(eng.score([p], [got.token_ids])[0], abs=1e-4)
+    with lora.disable_adapter():  # PPO's reference = adapter off
+        assert eng.generate([p], cfg)[0].token_ids == hf_greedy(model, p, 20)
+
+
+def test_fast_decoder_refuses_what_it_cannot_replay(tok):
+    peft = pytest.importorskip("peft")
+    dora = peft.get_peft_model(spicy_tiny(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert type(Engine(dora, tok).decoder).__name__ == "HFDecoder"
+    with pytest.raises(ConfigError, match="DoRA"):
+        Engine(dora, tok, fast=True)
 
 
 # ---------------------------------------------------------------- sampling

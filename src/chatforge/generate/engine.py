@@ -172,8 +172,8 @@ class TextStream:
 class Engine:
     """KV-cache decoding over a causal LM loaded by :func:`chatforge.models.load.load`.
 
-    ``fast``: "auto" uses the fast Llama decoder when the model is a plain Llama-architecture
-    model (not PEFT-wrapped), True requires it, False always uses the generic decoder.
+    ``fast``: "auto" uses the fast Llama decoder when the model is a Llama-architecture model
+    (plain or with LoRA adapters), True requires it, False always uses the generic decoder.
     ``template``: the chat template of :meth:`chat` (see :func:`chatforge.data.templates.get_template`).
     """
 

@@ -30,19 +30,43 @@ from chatforge.generate.decoders import left_pad
 SUPPORTED_TYPES = ("llama",)
 
 
+def _peft_base(model):
+    """The transformers model inside a PEFT wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _lora_reason(base) -> str | None:
+    """Only plain LoRA on linear layers is replayed by the fast decoder."""
+    for name, mod in base.named_modules():
+        if hasattr(mod, "base_layer") and hasattr(mod, "lora_A"):
+            if not isinstance(mod.base_layer, torch.nn.Linear):
+                return f"LoRA on a non-linear layer ({name})"
+            if getattr(mod, "lora_variant", None):
+                return f"a LoRA variant (DoRA, ...) on {name}"
+        elif hasattr(mod, "base_layer"):
+            return f"a PEFT method other than LoRA on {name}"
+    return None
+
+
 def unsupported_reason(model) -> str | None:
     """Why ``model`` cannot use the fast decoder (None if it can)."""
-    if hasattr(model, "get_base_model") or hasattr(model, "peft_config"):
-        return "PEFT-wrapped models use the generic decoder"
-    cfg = getattr(model, "config", None)
+    base = _peft_base(model)
+    if base is not model:
+        cfg = getattr(model, "active_peft_config", None)
+        if cfg is not None and getattr(cfg, "is_prompt_learning", False):
+            return "prompt-learning PEFT methods use the generic decoder"
+        reason = _lora_reason(base)
+        if reason:
+            return reason
+    cfg = getattr(base, "config", None)
     if getattr(cfg, "model_type", None) not in SUPPORTED_TYPES:
         return f"model type {getattr(cfg, 'model_type', None)!r} is not one of {SUPPORTED_TYPES}"
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+    inner = getattr(base, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(base, "lm_head"):
         return "not a ...ForCausalLM with .model.layers and .lm_head"
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
         return "only silu MLPs without tensor-parallel slicing"
-    if getattr(model, "hf_quantizer", None) is not None:
+    if getattr(base, "hf_quantizer", None) is not None:
         return "quantized weights"
     return None
 
@@ -64,20 +88,36 @@ class FastLlamaDecoder:
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(reason)
-        self.model = model
-        cfg = model.config
+        self.model = model  # prefill goes through it (PEFT forward included)
+        self.base = _peft_base(model)  # the step walks its layers
+        cfg = self.base.config
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scale = model.model.layers[0].self_attn.scaling
+        self.scale = self.base.model.layers[0].self_attn.scaling
         self.device = next(model.parameters()).device
         self.kernels = _kernels.load() if use_kernels and self.device.type == "cpu" else None
 
-    def _linear(self, x: torch.Tensor, module) -> torch.Tensor:
+    def _dense(self, x: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
         w = module.weight
-        if self.kernels is not None and x.dtype == w.dtype and self.kernels.supports(w):
+        if self._use_kernels and x.dtype == w.dtype and self.kernels.supports(w):
             return self.kernels.linear(x, w, module.bias)
         return F.linear(x, w, module.bias)
+
+    def _linear(self, x: torch.Tensor, module) -> torch.Tensor:
+        """A projection; a LoRA layer adds its active adapters as ``peft`` does."""
+        base = getattr(module, "base_layer", None)
+        if base is None:
+            return self._dense(x, module)
+        y = self._dense(x, base)
+        if module.disable_adapters or module.merged:
+            return y
+        dtype = y.dtype
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                a = module.lora_A[name]
+                y = y + module.lora_B[name](a(module.lora_dropout[name](x.to(a.weight.dtype)))) * module.scaling[name]
+        return y.to(dtype)
 
     # -------------------------------------------------------------- prefill
     def prefill(self, prompts: list[list[int]], pad_id: int, max_new: int) -> torch.Tensor:
@@ -102,8 +142,10 @@ class FastLlamaDecoder:
 
     # -------------------------------------------------------------- one token
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        m = self.model
+        m = self.base
         B, col = tokens.shape[0], self.length
+        # under autocast (PPO rollouts) F.linear computes in the autocast dtype: keep that behaviour
+        self._use_kernels = self.kernels is not None and not torch.is_autocast_enabled(self.device.type)
         if col >= self.valid.shape[-1]:
             raise RuntimeError("KV cache full: more steps than prefill(max_new=...) allowed")
         self.valid[:, :, :, col] = True
