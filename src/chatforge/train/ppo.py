@@ -565,7 +565,33 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
     latest = run.latest_checkpoint()
     if latest is None or checkpoint_step(latest) != step:
         save(step)  # with the value head and controller state, so the final step can be resumed from
-    return core.finish(run, acc, model, tokenizer, step, **summary)
+    out = core.finish(run, acc, model, tokenizer, step, **summary)
+    if cfg.lora and acc.is_main_process and _is_adapter(cfg.model):
+        publish_merged(run, model, tokenizer)
+    return out
+
+
+def _is_adapter(name: str) -> bool:
+    from chatforge.models.load import resolve
+
+    return resolve(name).kind == "adapter"
+
+
+def publish_merged(run: Run, model, tokenizer) -> Path:
+    """``model/`` as full merged weights: the start policy was itself an adapter (merged
+    into the backbone we trained on), so a PPO adapter alone has no loadable base."""
+    import shutil
+    import tempfile
+
+    merged = copy.deepcopy(model).merge_and_unload()
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-merged-", dir=run.path))
+    core.save_model(merged, tokenizer, tmp)
+    dst = run.path / "model"
+    for extra in dst.glob("value_head.safetensors"):
+        shutil.copy2(extra, tmp / extra.name)
+    shutil.rmtree(dst)
+    tmp.replace(dst)
+    return dst
 
 
 def _portable_name(name: str) -> str:
