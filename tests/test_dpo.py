@@ -430,3 +430,35 @@ def test_kl_estimate_matches_exact_kl_on_one_token():
     assert exact > 0.05
     assert est["kl"] == pytest.approx(exact, rel=0.25), (est, exact)
     assert est["sample_len"] == 1
+
+
+def test_judge_win_rate_ties_and_differences(tmp_path):
+    """The reward model scores both policies' greedy answers; identical policies tie (0.5),
+    and the reported means are the judge's scores of exactly those answers."""
+    from chatforge.models.heads import RewardModel, load_reward_model, reward_pad_token, score_texts
+    from chatforge.models.lora import LoraSettings, apply_lora
+    from chatforge.models.tiny import tiny_model, tiny_tokenizer
+    from chatforge.train.dpo import judge_win_rate, sample
+
+    tok = tiny_tokenizer()
+    rm = RewardModel.from_causal_lm(tiny_model(seed=7), pad_token_id=reward_pad_token(tok)).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = [[msg("user", q)] for q in ("What is 2 + 2?", "Tell me a joke about cats.", "Hello, how are you?")]
+    cfg = DPOConfig(model="tiny", judge=str(tmp_path / "rm"), judge_max_new_tokens=6, max_len=64)
+    same = apply_lora(tiny_model(), LoraSettings(r=4))          # fresh adapter: B = 0, the start policy itself
+    tie = judge_win_rate(same, tok, prompts, cfg)
+    assert tie["win_rate"] == 0.5 and tie["judge_score_policy"] == tie["judge_score_start"]
+    other = apply_lora(tiny_model(), LoraSettings(r=4, dropout=0.0))
+    with torch.no_grad():
+        for n, p in other.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1.0)
+    res = judge_win_rate(other, tok, prompts, cfg)
+    judge, jtok = load_reward_model(tmp_path / "rm")
+    ours = score_texts(judge, jtok, prompts, [t for _, _, t in sample(other, tok, prompts, cfg, 6, 0.0)])
+    with other.disable_adapter():
+        start = score_texts(judge, jtok, prompts, [t for _, _, t in sample(other, tok, prompts, cfg, 6, 0.0)])
+    assert res["judge_score_policy"] == pytest.approx(sum(ours) / 3, abs=1e-5)
+    assert res["judge_score_start"] == pytest.approx(sum(start) / 3, abs=1e-5)
+    assert res["win_rate"] == sum((a > b) + 0.5 * (a == b) for a, b in zip(ours, start)) / 3
