@@ -13,10 +13,12 @@ updates are seen at once) and replaces only the per-token step:
 * the projections through :mod:`chatforge.generate.kernels` when it compiled (else
   ``F.linear``);
 * the same arithmetic as ``transformers`` otherwise (RMSNorm in fp32, rotary embedding
-  from the model's own module, residuals in the model dtype), so greedy outputs match.
+  from the model's own module, residuals in the model dtype), so greedy outputs match;
+* plain LoRA adapters (``peft``) are replayed on top of the base projections, so PPO's
+  LoRA policy decodes fast too (DoRA and other PEFT methods use the generic decoder).
 
-The prompt (prefill) goes through the model's own forward; its KV cache is copied into the
-static one.
+The prompt (prefill) goes through the model's own forward (PEFT wrapper included); its KV
+cache is copied into the static one.
 """
 
 from __future__ import annotations
