@@ -396,6 +396,19 @@ def test_report_files(tiny_runs, tiny_eval):
 
 
 @pytest.mark.slow
+def test_max_checkpoints_keeps_evenly_spaced_and_the_last(tmp_path):
+    from chatforge.eval.evaluate import targets_of
+
+    run = tmp_path / "ppo"
+    for i in range(1, 11):
+        (run / "checkpoints" / f"step-{i:07d}").mkdir(parents=True)
+    steps = lambda ts: [t.step for t in ts]  # noqa: E731
+    assert steps(targets_of("ppo", run)[0]) == list(range(1, 11))
+    ts, notes = targets_of("ppo", run, max_checkpoints=3)
+    assert steps(ts) == [1, 5, 10] and "3 of 10 checkpoints" in notes[0]
+    assert steps(targets_of("ppo", run, max_checkpoints=1)[0]) == [10]
+
+
 def test_cli_eval(tiny_runs, capsys):
     from chatforge.cli import main
 

@@ -32,6 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-prompts", type=int, default=32, metavar="N", help="held-out prompts used (default 32)")
     p.add_argument("--max-heldout", type=int, default=100, metavar="N",
                    help="held-out conversations for perplexity (default 100)")
+    p.add_argument("--max-checkpoints", type=int, default=0, metavar="N",
+                   help="evaluate N evenly spaced checkpoints per run, the last always (default 0: all)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="response budget (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples with --seed")
     p.add_argument("--seed", type=int, default=0)
@@ -76,7 +78,7 @@ def run(args) -> int:
         if args.judge_url else None
     out = Path(args.out) if args.out else default_out(list(runs.values()))
     res = evaluate_runs(runs, baseline=args.baseline, prompts=args.prompts, heldout=args.heldout, rm=args.rm,
-                        judge=judge, out=out, settings=settings)
+                        judge=judge, out=out, settings=settings, max_checkpoints=args.max_checkpoints)
     print(text_table(res))
     for run_, lab in res.best.items():
         if run_ != "overall":

@@ -165,8 +165,11 @@ def same_weights(a: Path, b: Path) -> bool:
     return all(filecmp.cmp(x, y, shallow=True) and x.stat().st_size == y.stat().st_size for x, y in zip(wa, wb))
 
 
-def targets_of(label: str, run: str | Path, baseline: str | None = None) -> tuple[list[Target], list[str]]:
-    """Targets of one run folder (every checkpoint + final) or of a model name; and notes."""
+def targets_of(label: str, run: str | Path, baseline: str | None = None, max_checkpoints: int = 0
+               ) -> tuple[list[Target], list[str]]:
+    """Targets of one run folder (every checkpoint + final) or of a model name; and notes.
+
+    ``max_checkpoints > 0`` keeps that many, evenly spaced, always including the last."""
     from chatforge.models.load import resolve
 
     notes: list[str] = []
@@ -195,6 +198,11 @@ def targets_of(label: str, run: str | Path, baseline: str | None = None) -> tupl
                               template, str(p)))
     if not out:
         raise ConfigError(f"{p}: run folder has no checkpoints and no model/ to evaluate")
+    if 0 < max_checkpoints < len(out):
+        keep = sorted({round(i * (len(out) - 1) / max(1, max_checkpoints - 1)) for i in range(max_checkpoints)}
+                      if max_checkpoints > 1 else {len(out) - 1})
+        notes.append(f"{label}: {len(keep)} of {len(out)} checkpoints evaluated (max_checkpoints={max_checkpoints})")
+        out = [out[i] for i in keep]
     return out, notes
 
 
@@ -440,7 +448,8 @@ def _log(msg: str) -> None:
 def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baseline: str | Path | None = None,
                   prompts: str | Path | None = None, heldout: str | Path | None = None, rm: str | Path | None = None,
                   max_prompts: int = 32, max_new_tokens: int = 128, seed: int = 0, judge: Any = None, *,
-                  base_model: str | None = None, temperature: float = 0.0, judge_url: str | None = None,
+                  base_model: str | None = None, temperature: float = 0.0, max_checkpoints: int = 0,
+                  judge_url: str | None = None,
                   judge_model: str | None = None, out: str | Path | None = None, settings: EvalSettings | None = None,
                   log: Callable[[str], None] = _log) -> EvalResult:
     """Evaluate every checkpoint of each run (see the module docstring); writes
@@ -450,6 +459,8 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
     ``{"base": "smollm2", "sft": "runs/x/sft"}``); ``base_model`` adds a plain model as
     ``base`` in front. ``judge`` is a :class:`chatforge.eval.judge.Judge`, or give
     ``judge_url`` + ``judge_model``. ``settings`` overrides the individual knobs.
+    ``max_checkpoints > 0`` evaluates that many checkpoints per run (evenly spaced, the last
+    always), for a time budget; the default is every checkpoint.
     """
     from chatforge.models.load import load
 
@@ -476,7 +487,7 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
     base_str = str(baseline) if baseline is not None else None
     targets: list[Target] = []
     for lab, r in pairs:
-        ts, n = targets_of(lab, r, base_str)
+        ts, n = targets_of(lab, r, base_str, max_checkpoints)
         targets += ts
         notes += n
     base_target: Target | None = None
