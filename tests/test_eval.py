@@ -393,6 +393,9 @@ def test_report_files(tiny_runs, tiny_eval):
     assert "<table" in html_s and html_s.count("data:image/png;base64,") >= 1
     assert not re.search(r"""(src|href)\s*=\s*(?!['"]?data:)""", html_s)
     assert "<script" not in html_s and "<link" not in html_s and "http://" not in html_s and "https://" not in html_s
+    # training curves alone (evaluation skipped) still make a report
+    html_p, md_p = write_report(root / "curves-only", {"sft": root / "sft"}, None)
+    assert "curves_sft.png" in md_p.read_text() and "Checkpoints" not in html_p.read_text()
 
 
 @pytest.mark.slow
