@@ -449,7 +449,7 @@ def test_judge_speaks_to_our_own_server():
 
 
 def test_token_loop_catches_what_words_miss():
-    from chatforge.eval.evaluate import token_loop
+    from chatforge.eval.measure import token_loop
     from chatforge.models.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()

@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from chatforge.errors import ConfigError, DataError
+from chatforge.generate.sampling import SamplingConfig
 from chatforge.eval import metrics as M
+from chatforge.eval.measure import decoding_copy, generate_responses, heldout_nll, response_logprobs
 from chatforge.runs import atomic_write_text, checkpoint_step, list_checkpoints
 
 CACHE_VERSION = 2
@@ -273,134 +275,6 @@ def load_eval_data(prompts: str | Path | None, heldout: str | Path | None, setti
     return pr, convs[: settings.max_heldout]
 
 
-# ================================================================ model-side measurements
-def _batches(idx: list[int], size: int) -> list[list[int]]:
-    return [idx[i:i + size] for i in range(0, len(idx), size)]
-
-
-def response_logprobs(model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                      batch_size: int = 4, max_len: int = 1024) -> list[float]:
-    """Sum of log p(response tokens | prompt) per pair, teacher-forced (right padding,
-    fp32 log-softmax). Prompts are cut from the left when the pair exceeds ``max_len``."""
-    import torch
-
-    from chatforge.train.ppo_math import logprobs_from_logits
-
-    seqs = []
-    for p, r in zip(prompt_ids, response_ids):
-        p, r = list(p), list(r)[:max_len - 1]
-        p = p[max(0, len(p) + len(r) - max_len):]
-        seqs.append((p, r))
-    out = [0.0] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        for b in _batches(order, batch_size):
-            b = [i for i in b if seqs[i][1]]  # empty responses have log-prob 0
-            if not b:
-                continue
-            t = max(len(seqs[i][0]) + len(seqs[i][1]) for i in b)
-            ids = torch.zeros((len(b), t), dtype=torch.long)
-            mask = torch.zeros((len(b), t), dtype=torch.long)
-            resp = torch.zeros((len(b), t), dtype=torch.bool)
-            for j, i in enumerate(b):
-                p, r = seqs[i]
-                ids[j, :len(p) + len(r)] = torch.tensor(p + r)
-                mask[j, :len(p) + len(r)] = 1
-                resp[j, len(p):len(p) + len(r)] = True
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits[:, :-1]
-            lp = logprobs_from_logits(logits, ids[:, 1:].to(dev)).cpu()
-            sums = (lp * resp[:, 1:]).sum(-1)
-            for j, i in enumerate(b):
-                out[i] = float(sums[j])
-            del logits, lp
-    return out
-
-
-def heldout_nll(model, tokenizer, convs: list[list[dict]], template: str, batch_size: int = 4,
-                max_len: int = 1024) -> list[tuple[float, int]]:
-    """(sum NLL, labelled tokens) per held-out conversation, assistant tokens only."""
-    import torch
-
-    from chatforge.data.tokenize import encode_messages
-    from chatforge.train.ppo_math import logprobs_from_logits
-
-    encs = []
-    for c in convs:
-        e = encode_messages(tokenizer, c, template=template)
-        encs.append((list(e.input_ids)[:max_len], list(e.labels)[:max_len]))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(encs)
-    order = sorted(range(len(encs)), key=lambda i: len(encs[i][0]))
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        for b in _batches(order, batch_size):
-            t = max(len(encs[i][0]) for i in b)
-            ids = torch.zeros((len(b), t), dtype=torch.long)
-            labels = torch.full((len(b), t), -100, dtype=torch.long)
-            mask = torch.zeros((len(b), t), dtype=torch.long)
-            for j, i in enumerate(b):
-                x, y = encs[i]
-                ids[j, :len(x)] = torch.tensor(x)
-                labels[j, :len(y)] = torch.tensor(y)
-                mask[j, :len(x)] = 1
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits[:, :-1]
-            tgt = labels[:, 1:]
-            keep = tgt != -100
-            lp = logprobs_from_logits(logits, tgt.clamp(min=0).to(dev)).cpu()
-            nll = -(lp * keep).sum(-1)
-            for j, i in enumerate(b):
-                out[i] = (float(nll[j]), int(keep[j].sum()))
-            del logits, lp
-    return out
-
-
-def decoding_copy(model, gen_dtype: str):
-    """The model to decode with: itself, or a bf16 copy (see ``EvalSettings.gen_dtype``)."""
-    import copy
-
-    import torch
-
-    from chatforge.models.load import fast_bf16_cpu, pick_dtype
-
-    dev = next(model.parameters()).device
-    if gen_dtype == "auto":
-        want = torch.bfloat16 if dev.type == "cpu" and fast_bf16_cpu() else next(model.parameters()).dtype
-    else:
-        want = pick_dtype(gen_dtype, dev)
-    if want == next(model.parameters()).dtype:
-        return model
-    return copy.deepcopy(model).to(want)
-
-
-def generate_responses(model, tokenizer, prompts: list[list[dict]], template: str, s: EvalSettings) -> list[dict]:
-    """Engine completions for every prompt: ``{"prompt_ids", "token_ids", "text", "finish_reason"}``.
-
-    ``token_ids`` are the tokens the model chose, including its end-of-turn token when it
-    emitted one (the engine's convention; it is part of the policy's action for the KL)."""
-    from chatforge.data.tokenize import encode_prompt
-    from chatforge.generate.engine import Engine, SamplingConfig
-
-    engine = Engine(model, tokenizer)
-    pids = [list(encode_prompt(tokenizer, p, template=template)) for p in prompts]
-    pids = [p[-(s.max_len - s.max_new_tokens):] if len(p) > s.max_len - s.max_new_tokens else p for p in pids]
-    out: list[dict] = []
-    for bi, b in enumerate(_batches(list(range(len(pids))), s.batch_size)):
-        cfg = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                             top_k=s.top_k, seed=s.seed + bi)
-        for i, c in zip(b, engine.generate([pids[i] for i in b], cfg)):
-            out.append({"prompt_ids": pids[i], "token_ids": list(c.token_ids), "text": c.text,
-                        "finish_reason": c.finish_reason,
-                        "token_loop": token_loop(tokenizer, c.token_ids[:-1] if c.finish_reason == "eos" else c.token_ids)})
-    return out
-
-
-def token_loop(tokenizer, ids: Sequence[int]) -> bool:
-    """A loop in token ids that words do not show ("ssssssss" is one word, many tokens).
-    A unit that decodes to punctuation or spaces only is a separator, not a loop."""
-    lp = M.find_loop(list(ids))
-    return lp is not None and any(ch.isalnum() for ch in tokenizer.decode(list(lp.unit)))
-
-
 # ================================================================ cache
 def identity(path: str) -> list[Any]:
     """What a model's numbers depend on: resolved folder + its weight/config files' stats."""
@@ -519,6 +393,8 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
         notes.append("no held-out conversations: perplexity not measured (pass --heldout FILE)")
     data_key = key_of(prompt_msgs, convs)
     gen_settings = {k: v for k, v in asdict(s).items() if k not in ("z",)}
+    sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                              top_k=s.top_k, seed=s.seed)
     progress(f"eval: {len(targets)} model(s) x {len(prompt_msgs)} prompts, {len(convs)} held-out conversations")
 
     # ---- phase 1: per target, one model in memory: perplexity, responses, own log-probs
@@ -535,7 +411,8 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
         model, tok = load(t.path, dtype=s.dtype, merge_adapter=True)
         model.eval()
         nll = heldout_nll(model, tok, convs, t.template, max(1, s.batch_size // 2), s.max_len) if convs else []
-        resp = generate_responses(decoding_copy(model, s.gen_dtype), tok, prompt_msgs, t.template, s)
+        resp = generate_responses(decoding_copy(model, s.gen_dtype), tok, prompt_msgs, t.template, sampling,
+                                  s.batch_size, s.max_len)
         lps = response_logprobs(model, [r["prompt_ids"] for r in resp], [r["token_ids"] for r in resp],
                                 max(1, s.batch_size // 2), s.max_len)
         for r, lp in zip(resp, lps):
@@ -609,12 +486,9 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
 
 def _score_all(rm: str | Path, targets: list[Target], gen: dict, gkeys: dict, prompt_msgs: list, s: EvalSettings,
                cache: Cache, notes: list[str]) -> dict[str, list[float]]:
-    try:
-        from chatforge.models.heads import load_reward_model, score_texts
-    except ImportError as e:  # the reward-model code is not installed in this build
-        notes.append(f"RM metrics skipped: reward-model scoring is unavailable ({e})")
-        return {}
-    rid = identity(str(rm)) if not Path(str(rm)).is_dir() else _rm_identity(Path(str(rm)))
+    from chatforge.models.heads import load_reward_model, score_texts
+
+    rid = _rm_identity(Path(str(rm)))
     scores: dict[str, list[float]] = {}
     todo = []
     for t in targets:
