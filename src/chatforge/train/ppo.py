@@ -91,6 +91,7 @@ class PPOConfig(TrainConfig):
     clip: float = 0.2                  # policy ratio clip epsilon
     vf_clip: float = 0.2               # value clip (0 = off)
     vf_coef: float = 0.1
+    value_lr: float = 0.0              # value head lr; 0 = auto: 10x lr (a fresh head must catch up fast)
     gamma: float = 1.0
     lam: float = 0.95
     kl_coef: float = 0.05              # beta (initial value when adaptive)
@@ -118,6 +119,8 @@ class PPOConfig(TrainConfig):
     def validate(self) -> None:
         if self.lr == 0.0:
             self.lr = 1e-4 if self.lora else 1e-5
+        if self.value_lr == 0.0:
+            self.value_lr = 10 * self.lr
         if self.samples_per_prompt == 0:
             self.samples_per_prompt = 4 if self.algo == "rloo" else 1
         super().validate()
@@ -134,6 +137,7 @@ class PPOConfig(TrainConfig):
         check_range("clip", self.clip, 0, None, lo_open=True)
         check_range("vf_clip", self.vf_clip, 0, None)
         check_range("vf_coef", self.vf_coef, 0, None)
+        check_range("value_lr", self.value_lr, 0, 1, lo_open=True)
         check_range("gamma", self.gamma, 0, 1)
         check_range("lam", self.lam, 0, 1)
         check_range("kl_coef", self.kl_coef, 0, None)
@@ -460,7 +464,9 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
                             missing_eot_reward=cfg.missing_eot_reward, onto=model if is_peft(model) else None,
                             batch_size=cfg.reward_batch_size)
     steps = total_ppo_steps(cfg, len(prompts), acc.num_processes)
-    opt = core.build_optimizer(pv, cfg)
+    opt = core.build_optimizer(model, cfg)
+    if value_head is not None:  # its own lr: a zero-initialised head must learn the return scale quickly
+        opt.add_param_group({"params": list(value_head.parameters()), "lr": cfg.value_lr, "weight_decay": 0.0})
     sched = core.build_scheduler(opt, cfg, steps)
     pv_t, opt, sched = acc.prepare(pv, opt, sched)
     kl_ctl = pm.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl \
