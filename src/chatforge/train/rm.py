@@ -71,6 +71,7 @@ class RMConfig(TrainConfig):
     eval_fraction: float = 0.2      # held out by record (fixed seed) when eval_data is empty
     max_eval_records: int = 200     # periodic evals use this many held-out records (0 = all); the final eval all
     eval_batch_size: int = 16       # sequences per no-grad forward
+    eval_at_start: bool = True      # evaluate the untrained head at step 0 (the chance baseline)
     max_len: int = 512
     batch_size: int = 4             # groups per micro-batch: pairs (pairwise) or rankings (kwise/listwise)
     grad_accum: int = 2
@@ -535,7 +536,7 @@ def train(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
         return evaluate(acc.unwrap_model(model), groups, cfg, pad_id, acc.autocast)
 
     last_eval: dict[str, float] = {}
-    if step == 0 and acc.is_main_process and eval_sub:
+    if step == 0 and cfg.eval_at_start and acc.is_main_process and eval_sub:
         last_eval = do_eval(eval_sub)
         run.log(0, **last_eval)
         say("step 0: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
