@@ -31,15 +31,24 @@ def run(args: argparse.Namespace) -> int:
     root = run_pipeline(recipe, only=args.only)
     wall = time.time() - t0
     print(f"\npipeline finished in {wall / 60:.1f} min -> {root}")
-    summary = root / "eval" / "eval.json"
-    if summary.exists():
-        data = json.loads(summary.read_text())
-        for line in data.get("headline", []):
-            print("  " + line)
     for name in ("report.html", "report.md"):
         if (root / name).exists():
             print(f"  report: {root / name}")
-    pol = final_policy(Path(root))
+    chat_target = None
+    summary = root / "eval" / "eval.json"
+    if summary.exists():
+        data = json.loads(summary.read_text())
+        rows = {r["label"]: r for r in data.get("rows", [])}
+        for w in data.get("warnings", []):
+            print(f"  warning: {w}")
+        best = data.get("best", {}).get("overall")
+        for label, r in rows.items():
+            if r.get("win_rate") is not None and not r.get("baseline") and r.get("final"):
+                print(f"  {label}: RM win rate vs SFT {r['win_rate']:.2f}, KL {r.get('kl') if r.get('kl') is not None else float('nan'):.2f}")
+        if best in rows:
+            chat_target = rows[best].get("chat")
+            print(f"  best checkpoint ({data.get('selection')}): {best}")
+    pol = chat_target or final_policy(Path(root))
     if pol is not None:
         print(f"\nchat with the result:\n  chatforge chat {pol}")
     return 0
