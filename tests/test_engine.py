@@ -337,3 +337,57 @@ def test_smollm2_greedy_matches_generate(fast):
     got = eng.generate([p], SamplingConfig(temperature=0, max_new_tokens=30))[0]
     assert got.token_ids == ref
     assert "Paris" in got.text
+
+
+# ---------------------------------------------------------------- the C kernels vs PyTorch
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_match_torch(dtype):
+    from chatforge.generate import kernels
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    K = kernels.load()
+    if K is None:
+        pytest.skip("no C compiler: the engine falls back to PyTorch")
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    def close(a, b):
+        if dtype == torch.float32:
+            return torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+        return (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max() and (a == b).float().mean() > 0.95
+
+    for B, N, Kd in [(1, 100, 70), (3, 576, 576), (8, 7, 33), (17, 64, 1536)]:
+        x, w, b, r = rnd(B, Kd), rnd(N, Kd), rnd(N), rnd(B, N)
+        assert close(K.linear(x, w), torch.nn.functional.linear(x, w))
+        assert close(K.linear(x, w, b, r), r + torch.nn.functional.linear(x, w, b))
+
+    norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(rnd(96))
+    x = rnd(5, 96) * 3
+    assert close(K.rmsnorm(x, norm.weight, norm.variance_epsilon), norm(x))
+
+    B, nH, nKV, hd, T, col = 3, 6, 2, 16, 10, 4
+    q, k, v = rnd(B, nH * hd), rnd(B, nKV * hd), rnd(B, nKV * hd)
+    ang = torch.rand(B, 1, hd // 2, generator=g) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    ref_q, ref_k = apply_rotary_pos_emb(q.view(B, 1, nH, hd).transpose(1, 2), k.view(B, 1, nKV, hd).transpose(1, 2),
+                                        cos, sin)
+    kc, vc = rnd(B, nKV, T, hd), rnd(B, nKV, T, hd)
+    q2 = q.clone()
+    K.rope_store(q2, k, v, cos[:, 0].contiguous(), sin[:, 0].contiguous(), kc, vc, col)
+    assert torch.equal(q2.view(B, nH, hd), ref_q[:, :, 0]) or (dtype == torch.float32 and close(q2.view(B, nH, hd), ref_q[:, :, 0]))
+    assert close(kc[:, :, col], ref_k[:, :, 0]) and torch.equal(vc[:, :, col], v.view(B, nKV, hd))
+
+    valid = torch.rand(B, 1, 1, T, generator=g) > 0.3
+    valid[:, :, :, 0] = True
+    out = K.attention(q2, kc, vc, valid, col + 1, 0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q2.view(B, nKV, nH // nKV, hd).float(), kc[:, :, :col + 1].float(), vc[:, :, :col + 1].float(),
+        attn_mask=valid[:, :, :, :col + 1], scale=0.25)
+    assert close(out.view(B, nKV, nH // nKV, hd), ref.to(dtype))
+
+    gate, up = rnd(4, 50) * 3, rnd(4, 50)
+    assert close(K.silu_mul(gate, up), torch.nn.functional.silu(gate) * up)

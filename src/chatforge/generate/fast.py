@@ -99,27 +99,28 @@ class FastLlamaDecoder:
         self.scale = self.base.model.layers[0].self_attn.scaling
         self.device = next(model.parameters()).device
         self.kernels = _kernels.load() if use_kernels and self.device.type == "cpu" else None
+        self._use_kernels = self._kernels_ok = False
 
-    def _dense(self, x: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
-        w = module.weight
-        if self._use_kernels and x.dtype == w.dtype and self.kernels.supports(w):
-            return self.kernels.linear(x, w, module.bias)
-        return F.linear(x, w, module.bias)
-
-    def _linear(self, x: torch.Tensor, module) -> torch.Tensor:
-        """A projection; a LoRA layer adds its active adapters as ``peft`` does."""
+    def _linear(self, x: torch.Tensor, module, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual + module(x)``; a LoRA layer adds its active adapters as ``peft`` does."""
         base = getattr(module, "base_layer", None)
-        if base is None:
-            return self._dense(x, module)
-        y = self._dense(x, base)
-        if module.disable_adapters or module.merged:
-            return y
-        dtype = y.dtype
-        for name in module.active_adapters:
-            if name in module.lora_A:
-                a = module.lora_A[name]
-                y = y + module.lora_B[name](a(module.lora_dropout[name](x.to(a.weight.dtype)))) * module.scaling[name]
-        return y.to(dtype)
+        lora = base is not None and not module.disable_adapters and not module.merged
+        dense = base if base is not None else module
+        w = dense.weight
+        if self._use_kernels and x.dtype == w.dtype and self.kernels.supports(w):
+            y = self.kernels.linear(x, w, dense.bias, None if lora else residual)
+            if not lora:
+                return y
+        else:
+            y = F.linear(x, w, dense.bias)
+        if lora:
+            dtype = y.dtype
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    a = module.lora_A[name]
+                    y = y + module.lora_B[name](a(module.lora_dropout[name](x.to(a.weight.dtype)))) * module.scaling[name]
+            y = y.to(dtype)
+        return y if residual is None else residual + y
 
     # -------------------------------------------------------------- prefill
     def prefill(self, prompts: list[list[int]], pad_id: int, max_new: int) -> torch.Tensor:
@@ -140,37 +141,62 @@ class FastLlamaDecoder:
         self.valid[:, 0, 0, :L] = mask.bool()
         self.length = L  # filled cache columns
         self.next_pos = positions[:, -1] + 1
+        dtype = self.k[0].dtype
+        self._kernels_ok = self.kernels is not None and dtype in self.kernels.DTYPES and all(
+            p.dtype == dtype and p.device.type == "cpu" and p.is_contiguous() for p in self.base.parameters())
         return out.logits[:, -1]
 
     # -------------------------------------------------------------- one token
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        m = self.base
         B, col = tokens.shape[0], self.length
-        # under autocast (PPO rollouts) F.linear computes in the autocast dtype: keep that behaviour
-        self._use_kernels = self.kernels is not None and not torch.is_autocast_enabled(self.device.type)
         if col >= self.valid.shape[-1]:
             raise RuntimeError("KV cache full: more steps than prefill(max_new=...) allowed")
         self.valid[:, :, :, col] = True
-        mask = self.valid[:, :, :, :col + 1]
-        x = m.model.embed_tokens(tokens)  # [B, hidden]
-        cos, sin = m.model.rotary_emb(x, self.next_pos[:, None])  # [B, 1, head_dim]
-        for i, layer in enumerate(m.model.layers):
-            attn = layer.self_attn
-            h = rms_norm(x, layer.input_layernorm)
-            q = rotate(self._linear(h, attn.q_proj).view(B, self.n_heads, self.head_dim), cos, sin)
-            k = rotate(self._linear(h, attn.k_proj).view(B, self.n_kv, self.head_dim), cos, sin)
-            self.k[i][:, :, col] = k
-            self.v[i][:, :, col] = self._linear(h, attn.v_proj).view(B, self.n_kv, self.head_dim)
-            q = q.view(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # query heads sharing a KV head
-            a = F.scaled_dot_product_attention(q, self.k[i][:, :, :col + 1], self.v[i][:, :, :col + 1],
-                                               attn_mask=mask, scale=self.scale)
-            x = x + self._linear(a.reshape(B, self.n_heads * self.head_dim), attn.o_proj)
-            h = rms_norm(x, layer.post_attention_layernorm)
-            mlp = layer.mlp
-            x = x + self._linear(F.silu(self._linear(h, mlp.gate_proj)) * self._linear(h, mlp.up_proj), mlp.down_proj)
+        base = self.base
+        x = base.model.embed_tokens(tokens)  # [B, hidden]
+        cos, sin = base.model.rotary_emb(x, self.next_pos[:, None])  # [B, 1, head_dim]
+        # C kernels on CPU for fp32/bf16 models; under autocast (PPO rollouts) F.linear computes in
+        # the autocast dtype: keep that behaviour by staying in PyTorch
+        self._use_kernels = (self._kernels_ok and not torch.is_autocast_enabled(self.device.type)
+                             and x.dtype == cos.dtype == self.k[0].dtype)
+        layer_step = self._layer_c if self._use_kernels else self._layer_torch
+        cos, sin = cos.reshape(B, self.head_dim).contiguous(), sin.reshape(B, self.head_dim).contiguous()
+        for i, layer in enumerate(base.model.layers):
+            x = layer_step(i, layer, x, cos, sin, col)
         self.length = col + 1
         self.next_pos = self.next_pos + 1
-        return self._linear(rms_norm(x, m.model.norm), m.lm_head)
+        norm = base.model.norm
+        h = self.kernels.rmsnorm(x, norm.weight, norm.variance_epsilon) if self._use_kernels else rms_norm(x, norm)
+        return self._linear(h, base.lm_head)
+
+    def _layer_c(self, i: int, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, col: int) -> torch.Tensor:
+        K, attn, mlp = self.kernels, layer.self_attn, layer.mlp
+        norm = layer.input_layernorm
+        h = K.rmsnorm(x, norm.weight, norm.variance_epsilon)
+        q = self._linear(h, attn.q_proj)
+        K.rope_store(q, self._linear(h, attn.k_proj), self._linear(h, attn.v_proj), cos, sin, self.k[i], self.v[i], col)
+        a = K.attention(q, self.k[i], self.v[i], self.valid, col + 1, self.scale)
+        x = self._linear(a, attn.o_proj, residual=x)
+        norm = layer.post_attention_layernorm
+        h = K.rmsnorm(x, norm.weight, norm.variance_epsilon)
+        return self._linear(K.silu_mul(self._linear(h, mlp.gate_proj), self._linear(h, mlp.up_proj)), mlp.down_proj,
+                            residual=x)
+
+    def _layer_torch(self, i: int, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, col: int
+                     ) -> torch.Tensor:
+        B, hd, attn, mlp = x.shape[0], self.head_dim, layer.self_attn, layer.mlp
+        cos, sin = cos[:, None], sin[:, None]
+        h = rms_norm(x, layer.input_layernorm)
+        q = rotate(self._linear(h, attn.q_proj).view(B, self.n_heads, hd), cos, sin)
+        self.k[i][:, :, col] = rotate(self._linear(h, attn.k_proj).view(B, self.n_kv, hd), cos, sin)
+        self.v[i][:, :, col] = self._linear(h, attn.v_proj).view(B, self.n_kv, hd)
+        q = q.view(B, self.n_kv, self.n_heads // self.n_kv, hd)  # query heads sharing a KV head
+        a = F.scaled_dot_product_attention(q, self.k[i][:, :, :col + 1], self.v[i][:, :, :col + 1],
+                                           attn_mask=self.valid[:, :, :, :col + 1], scale=self.scale)
+        x = self._linear(a.reshape(B, self.n_heads * hd), attn.o_proj, residual=x)
+        h = rms_norm(x, layer.post_attention_layernorm)
+        return self._linear(F.silu(self._linear(h, mlp.gate_proj)) * self._linear(h, mlp.up_proj), mlp.down_proj,
+                            residual=x)
 
     def keep(self, rows: torch.Tensor) -> None:
         self.k = [k[rows] for k in self.k]
