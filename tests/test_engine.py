@@ -362,6 +362,7 @@ def test_kernels_match_torch(dtype):
         x, w, b, r = rnd(B, Kd), rnd(N, Kd), rnd(N), rnd(B, N)
         assert close(K.linear(x, w), torch.nn.functional.linear(x, w))
         assert close(K.linear(x, w, b, r), r + torch.nn.functional.linear(x, w, b))
+        assert close(K.linear(x, w, None, r, 0.5), r + torch.nn.functional.linear(x, w) * 0.5)  # LoRA scaling
 
     norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
     with torch.no_grad():

@@ -102,24 +102,28 @@ class FastLlamaDecoder:
         self._use_kernels = self._kernels_ok = False
 
     def _linear(self, x: torch.Tensor, module, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``residual + module(x)``; a LoRA layer adds its active adapters as ``peft`` does."""
+        """``residual + module(x)``; a LoRA layer adds its active adapters as ``peft`` does
+        (``y + lora_B(lora_A(x)) * scaling``)."""
         base = getattr(module, "base_layer", None)
         lora = base is not None and not module.disable_adapters and not module.merged
         dense = base if base is not None else module
-        w = dense.weight
-        if self._use_kernels and x.dtype == w.dtype and self.kernels.supports(w):
-            y = self.kernels.linear(x, w, dense.bias, None if lora else residual)
-            if not lora:
-                return y
+        K = self.kernels if self._use_kernels else None
+        if K is not None and x.dtype == dense.weight.dtype and K.supports(dense.weight):
+            y = K.linear(x, dense.weight, dense.bias, None if lora else residual)
         else:
-            y = F.linear(x, w, dense.bias)
-        if lora:
-            dtype = y.dtype
-            for name in module.active_adapters:
-                if name in module.lora_A:
-                    a = module.lora_A[name]
-                    y = y + module.lora_B[name](a(module.lora_dropout[name](x.to(a.weight.dtype)))) * module.scaling[name]
-            y = y.to(dtype)
+            y = F.linear(x, dense.weight, dense.bias)
+            if not lora and residual is not None:
+                y = residual + y
+        if not lora:
+            return y
+        for name in module.active_adapters:
+            if name not in module.lora_A:
+                continue
+            a, b, s = module.lora_A[name], module.lora_B[name], module.scaling[name]
+            if K is not None and a.weight.dtype == b.weight.dtype == y.dtype and a.bias is None and b.bias is None:
+                y = K.linear(K.linear(x, a.weight), b.weight, None, y, float(s))
+            else:  # e.g. fp32 adapters on a bf16 model (PEFT's default upcast)
+                y = (y + b(a(module.lora_dropout[name](x.to(a.weight.dtype)))) * s).to(y.dtype)
         return y if residual is None else residual + y
 
     # -------------------------------------------------------------- prefill
@@ -143,7 +147,8 @@ class FastLlamaDecoder:
         self.next_pos = positions[:, -1] + 1
         dtype = self.k[0].dtype
         self._kernels_ok = self.kernels is not None and dtype in self.kernels.DTYPES and all(
-            p.dtype == dtype and p.device.type == "cpu" and p.is_contiguous() for p in self.base.parameters())
+            p.dtype == dtype and p.device.type == "cpu" and p.is_contiguous()
+            for n, p in self.base.named_parameters() if "lora_" not in n)
         return out.logits[:, -1]
 
     # -------------------------------------------------------------- one token

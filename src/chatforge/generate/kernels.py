@@ -111,9 +111,10 @@ static inline void tile_bf16(const bf16* X, const bf16* W, int64_t n0, int64_t n
 }
 
 #define DEFINE_OPS(T, S)                                                                                      \
-/* Y = X W^T (+ bias) (+ R): X [B, K], W [N, K], R and Y [B, N]. The residual is added to the product  \
-   rounded to T, as `r + F.linear(x, w)` does. */                                                          \
-void linear_##S(const T* X, const T* W, const T* bias, const T* R, T* Y, int64_t B, int64_t N, int64_t K) { \
+/* Y = R + alpha * (X W^T + bias): X [B, K], W [N, K], R and Y [B, N] (R, bias optional). Rounded   \
+   to T after each step, as `r + F.linear(x, w, b) * alpha` does (alpha: a LoRA scaling). */              \
+void linear_##S(const T* X, const T* W, const T* bias, const T* R, T* Y, int64_t B, int64_t N, int64_t K,   \
+                float alpha) {                                                                              \
   _Pragma("omp parallel for schedule(static)")                                                              \
   for (int64_t n0 = 0; n0 < N; n0 += TN) {                                                                  \
     int64_t nr = N - n0 < TN ? N - n0 : TN;                                                                 \
@@ -124,6 +125,7 @@ void linear_##S(const T* X, const T* W, const T* bias, const T* R, T* Y, int64_t
       for (int i = 0; i < nr; i++) for (int j = 0; j < br; j++) {                                           \
         int64_t o = (b0 + j) * N + n0 + i;                                                                  \
         float y = out[i][j] + (bias ? LD_##S(bias[n0 + i]) : 0.f);                                          \
+        if (alpha != 1.0f) y = RND_##S(RND_##S(y) * alpha);                                                 \
         Y[o] = R ? ST_##S(RND_##S(y) + LD_##S(R[o])) : ST_##S(y);                                           \
       }                                                                                                     \
     }                                                                                                       \
@@ -234,7 +236,7 @@ class Kernels:
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
         P, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        sigs = {"linear": [P] * 5 + [I] * 3, "rmsnorm": [P] * 3 + [I] * 2 + [F],
+        sigs = {"linear": [P] * 5 + [I] * 3 + [F], "rmsnorm": [P] * 3 + [I] * 2 + [F],
                 "rope_store": [P] * 7 + [I] * 6, "attention": [P] * 5 + [I] * 6 + [F], "silu_mul": [P] * 3 + [I]}
         self.fns = {}
         for dtype, suffix in self.DTYPES.items():
@@ -247,14 +249,14 @@ class Kernels:
         return weight.device.type == "cpu" and weight.dtype in self.DTYPES and weight.is_contiguous()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``residual + F.linear(x, weight, bias)`` for a 2-D ``x``."""
+               residual: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+        """``residual + F.linear(x, weight, bias) * alpha`` for a 2-D ``x``."""
         x = x.contiguous()
         N, K = weight.shape
         y = torch.empty((x.shape[0], N), dtype=x.dtype)
         self.fns["linear", x.dtype](x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
                                     residual.data_ptr() if residual is not None else None, y.data_ptr(),
-                                    x.shape[0], N, K)
+                                    x.shape[0], N, K, alpha)
         return y
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
