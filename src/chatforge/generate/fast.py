@@ -146,6 +146,15 @@ class FastLlamaDecoder:
         self.length = L  # filled cache columns
         self.next_pos = positions[:, -1] + 1
         dtype = self.k[0].dtype
+        # cos/sin of every position decoding can reach, once (the same elementwise computation
+        # as per step); rope types that rescale with the sequence length stay per step
+        rotary = self.base.model.rotary_emb
+        if any(k in str(getattr(rotary, "rope_type", "default")) for k in ("dynamic", "longrope")):
+            self.rope = None
+        else:
+            pos = torch.arange(int(self.next_pos.max()) + max_new + 1, device=self.device)[None]
+            cos, sin = rotary(layer.keys, pos)
+            self.rope = (cos[0], sin[0])
         self._kernels_ok = self.kernels is not None and dtype in self.kernels.DTYPES and all(
             p.dtype == dtype and p.device.type == "cpu" and p.is_contiguous()
             for n, p in self.base.named_parameters() if "lora_" not in n)
@@ -159,7 +168,10 @@ class FastLlamaDecoder:
         self.valid[:, :, :, col] = True
         base = self.base
         x = base.model.embed_tokens(tokens)  # [B, hidden]
-        cos, sin = base.model.rotary_emb(x, self.next_pos[:, None])  # [B, 1, head_dim]
+        if self.rope is not None:  # rows of the table computed at prefill
+            cos, sin = self.rope[0][self.next_pos], self.rope[1][self.next_pos]
+        else:
+            cos, sin = base.model.rotary_emb(x, self.next_pos[:, None])  # [B, 1, head_dim]
         # C kernels on CPU for fp32/bf16 models; under autocast (PPO rollouts) F.linear computes in
         # the autocast dtype: keep that behaviour by staying in PyTorch
         self._use_kernels = (self._kernels_ok and not torch.is_autocast_enabled(self.device.type)
