@@ -174,8 +174,9 @@ def test_logprobs_are_the_raw_model_distribution(model, tok):
     eng = Engine(model, tok, eos_token_ids=[EOS])
     prompts = [tok.encode(t) for t in PROMPTS]
     cfg = SamplingConfig(temperature=0.7, top_k=20, repetition_penalty=1.3, max_new_tokens=15, seed=5, logprobs=True)
-    out = eng.generate(prompts, cfg)
-    for p, c in zip(prompts, out):
+    ngram = SamplingConfig(temperature=0, no_repeat_ngram_size=1, max_new_tokens=15, logprobs=True)  # bans in place
+    out = eng.generate(prompts, cfg) + eng.generate(prompts, ngram)
+    for p, c in zip(prompts + prompts, out):
         assert len(c.logprobs) == len(c.token_ids)
         with torch.no_grad():
             logits = model(torch.tensor([p + c.token_ids])).logits[0, len(p) - 1:-1]

@@ -280,7 +280,9 @@ class Engine:
 
     def _decode(self, rows: list[_Row], cfg: SamplingConfig) -> Iterator[tuple[int, str]]:
         """The decoding loop, as a generator of ``(row index, text delta)`` (deltas only when
-        rows track live text). Closing it early leaves every row with what it had so far."""
+        rows track live text). Closing it early leaves every row with what it had so far.
+        Tensor work runs in ``inference_mode`` blocks that never span a ``yield``, so the
+        caller's code between two deltas runs in its own grad mode."""
         dev = self.device
         gen = torch.Generator(device=dev)
         if cfg.seed is not None:
@@ -294,27 +296,33 @@ class Engine:
                 r.seq = list(r.prompt)
                 r.ngrams = build_ngram_table(r.seq, n)
         active = list(rows)
-        with eval_mode(self.model), torch.inference_mode():
-            logits = self.decoder.prefill([r.prompt for r in rows], self.pad_token_id, max(r.max_new for r in rows))
-            seen = None
-            if cfg.repetition_penalty != 1.0:
-                seen = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
-                for j, r in enumerate(rows):
-                    seen[j, r.prompt] = True
+        with eval_mode(self.model):
+            with torch.inference_mode():
+                logits = self.decoder.prefill([r.prompt for r in rows], self.pad_token_id,
+                                              max(r.max_new for r in rows))
+                seen = None
+                if cfg.repetition_penalty != 1.0:
+                    seen = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
+                    for j, r in enumerate(rows):
+                        seen[j, r.prompt] = True
             while True:
-                logits = logits.float()
-                raw = logits
-                if seen is not None:
-                    logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-                if n:
-                    for j, r in enumerate(active):
-                        banned = banned_ngram_tokens(r.seq, n, r.ngrams)
-                        if banned:
-                            logits[j, list(banned)] = float("-inf")
-                nxt = sample_next(logits, cfg, gen)
-                lps = torch.log_softmax(raw, -1).gather(-1, nxt[:, None])[:, 0].tolist() if cfg.logprobs else None
-                toks = nxt.tolist()
-                keep = []
+                with torch.inference_mode():
+                    raw = logits.float()
+                    logits = raw
+                    if seen is not None:
+                        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+                    if n:
+                        logits = logits.clone() if logits is raw else logits  # raw stays unmodified
+                        for j, r in enumerate(active):
+                            banned = banned_ngram_tokens(r.seq, n, r.ngrams)
+                            if banned:
+                                logits[j, list(banned)] = float("-inf")
+                    nxt = sample_next(logits, cfg, gen)
+                    lps = torch.log_softmax(raw, -1).gather(-1, nxt[:, None])[:, 0].tolist() if cfg.logprobs else None
+                    toks = nxt.tolist()
+                    if seen is not None:
+                        seen[torch.arange(len(toks), device=dev), nxt] = True
+                keep, deltas = [], []
                 for j, (r, t) in enumerate(zip(active, toks)):
                     delta = r.add(t, t in eos, lps[j] if lps is not None else None)
                     if n:
@@ -323,19 +331,19 @@ class Engine:
                     if r.finish_reason is None:
                         keep.append(j)
                     if delta:
-                        yield r.index, delta
-                if seen is not None:
-                    seen[torch.arange(len(toks), device=dev), nxt] = True
+                        deltas.append((r.index, delta))
+                yield from deltas
                 if not keep:
                     return
-                if len(keep) < len(active):
-                    idx = torch.tensor(keep, device=dev)
-                    self.decoder.keep(idx)
-                    active = [active[j] for j in keep]
-                    nxt = nxt[idx]
-                    if seen is not None:
-                        seen = seen[idx]
-                logits = self.decoder.step(nxt)
+                with torch.inference_mode():
+                    if len(keep) < len(active):
+                        idx = torch.tensor(keep, device=dev)
+                        self.decoder.keep(idx)
+                        active = [active[j] for j in keep]
+                        nxt = nxt[idx]
+                        if seen is not None:
+                            seen = seen[idx]
+                    logits = self.decoder.step(nxt)
 
     # ------------------------------------------------------------------ beam search
     @torch.inference_mode()
