@@ -358,3 +358,21 @@ def test_cli_rm_kwise_then_score(tmp_path, capsys):
     assert main(["score", "--rm", str(out), "--prompt", "q?", "--response", "blue"]) == 0
     float(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["score", "--rm", str(out), "--prompt", "q?"]) == 2
+
+
+def test_length_sorted_chunks_give_the_same_scores_in_the_right_slots():
+    from chatforge.train.rm import Group, make_batch, to_matrix
+
+    rm, tok, pad = _rm()
+    a, b, c = _seqs(tok)
+    groups = [Group([b, c], 0), Group([a, b, c], 1), Group([c, a], 2)]
+    with torch.no_grad():
+        want = {tuple(s): v for s, v in zip([a, b, c], rm.scores(*pad_batch([a, b, c], pad)).tolist())}
+        for chunk in (0, 1, 2, 4):
+            bt = make_batch(groups, pad, chunk)
+            assert len(bt.input_ids) == (1 if chunk == 0 else math.ceil(7 / chunk))
+            assert bt.tokens == 2 * len(a) + 2 * len(b) + 3 * len(c)
+            m = to_matrix(rm(bt.input_ids, bt.attention_mask), bt.slot, bt.group_mask)
+            for g, row, mask in zip(groups, m, bt.group_mask):
+                got = row[mask].tolist()
+                assert got == pytest.approx([want[tuple(s)] for s in g.ids], abs=1e-5)

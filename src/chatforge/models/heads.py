@@ -149,7 +149,16 @@ class RewardModel(nn.Module):
             for p, g in grads.items():
                 p.requires_grad_(g)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | Sequence[torch.Tensor],
+                attention_mask: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """(B,) rewards. Lists of tensors are scored chunk by chunk and concatenated: the
+        trainer sends length-sorted chunks (little padding) through ONE module call, so
+        DDP / accelerate see a single forward."""
+        if isinstance(input_ids, (list, tuple)):
+            return torch.cat([self._forward(i, m) for i, m in zip(input_ids, attention_mask)])
+        return self._forward(input_ids, attention_mask)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with self._adapter():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids_from_mask(attention_mask), use_cache=False)

@@ -34,7 +34,8 @@ with different losses compare at equal compute; ``budget_clock=cpu`` counts this
 CPU time divided by its threads instead of wall time -- what the run would take on an idle
 machine, so a budget means the same compute however busy a shared machine is.
 
-Levers on a 2-core CPU: bf16 autocast (``precision``), ``max_len`` (hh-rlhf dialogues are
+Levers on a 2-core CPU: bf16 autocast (``precision``), length-sorted forward chunks
+(``forward_chunk``: padding is nearly half the compute of a random hh-rlhf batch), ``max_len`` (hh-rlhf dialogues are
 mostly short: 256 keeps 76% whole, and the prompt is cut from the left, not the response),
 ``freeze_layers`` (no backward through the frozen bottom), LoRA (``lora=true``, ~10x larger
 lr; backward still runs through every layer), gradient checkpointing (memory only).
@@ -72,6 +73,7 @@ class RMConfig(TrainConfig):
     max_eval_records: int = 200     # periodic evals use this many held-out records (0 = all); the final eval all
     eval_batch_size: int = 16       # sequences per no-grad forward
     eval_at_start: bool = True      # evaluate the untrained head at step 0 (the chance baseline)
+    forward_chunk: int = 2          # sequences per forward, length-sorted (less padding); 0 = all at once
     max_len: int = 512
     batch_size: int = 4             # groups per micro-batch: pairs (pairwise) or rankings (kwise/listwise)
     grad_accum: int = 2
@@ -90,6 +92,7 @@ class RMConfig(TrainConfig):
         check_range("max_eval_records", self.max_eval_records, 0, None)
         check_range("eval_batch_size", self.eval_batch_size, 1, None)
         check_range("freeze_layers", self.freeze_layers, 0, None)
+        check_range("forward_chunk", self.forward_chunk, 0, None)
         if self.freeze_layers and self.lora:
             raise ConfigError("freeze_layers is for full fine-tuning; with lora=true the backbone is frozen already")
         if self.loss == "listwise" and self.margin > 0:
@@ -384,19 +387,37 @@ def load_data(cfg: RMConfig, tokenizer, run: Run | None = None, log=print
 
 
 # ---------------------------------------------------------------- batching / scoring
-def flatten(groups: Sequence[Group], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All sequences of the groups in one right-padded batch, plus where each lands in a
-    (B, Kmax) score matrix: returns (input_ids, attention_mask, slot, group_mask)."""
+@dataclass
+class Batch:
+    """The sequences of some groups as length-sorted, right-padded chunks, and where each
+    sequence's score lands in the (B, Kmax) matrix of its group."""
+
+    input_ids: list[torch.Tensor]
+    attention_mask: list[torch.Tensor]
+    slot: torch.Tensor        # flat index into (B, Kmax), in chunk order
+    group_mask: torch.Tensor  # (B, Kmax) real responses
+    tokens: int
+
+
+def make_batch(groups: Sequence[Group], pad_id: int, chunk: int = 0) -> Batch:
+    """Sort the sequences by length and cut them into chunks of ``chunk`` (0 = one chunk):
+    on hh-rlhf a random batch of 8 padded to its longest computes +47% pad tokens, sorted
+    chunks of 2 only +5%."""
     from chatforge.models.heads import pad_batch
 
-    seqs = [s for g in groups for s in g.ids]
-    ids, mask = pad_batch(seqs, pad_id)
     kmax = max(len(g.ids) for g in groups)
-    slot = torch.tensor([gi * kmax + k for gi, g in enumerate(groups) for k in range(len(g.ids))])
+    seqs = [(s, gi * kmax + k) for gi, g in enumerate(groups) for k, s in enumerate(g.ids)]
+    seqs.sort(key=lambda x: len(x[0]))
+    step = chunk if chunk > 0 else len(seqs)
+    ids, masks = [], []
+    for c in range(0, len(seqs), step):
+        i, m = pad_batch([s for s, _ in seqs[c:c + step]], pad_id)
+        ids.append(i)
+        masks.append(m)
     gmask = torch.zeros(len(groups), kmax, dtype=torch.bool)
     for gi, g in enumerate(groups):
         gmask[gi, :len(g.ids)] = True
-    return ids, mask, slot, gmask
+    return Batch(ids, masks, torch.tensor([sl for _, sl in seqs]), gmask, sum(len(s) for s, _ in seqs))
 
 
 def to_matrix(flat_scores: torch.Tensor, slot: torch.Tensor, gmask: torch.Tensor) -> torch.Tensor:
@@ -549,14 +570,15 @@ def train(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
         stats: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             batch = [samples[i] for i in next(batches)]
-            ids, mask, slot, gmask = flatten(batch, pad_id)
+            b = make_batch(batch, pad_id, cfg.forward_chunk)
+            gmask = b.group_mask.to(acc.device)
             ctx = acc.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
             with ctx:
-                flat = model(ids.to(acc.device), mask.to(acc.device)).float()
-                scores = to_matrix(flat, slot, gmask.to(acc.device))
-                loss = rm_loss(scores, gmask.to(acc.device), cfg)
+                flat = model([t.to(acc.device) for t in b.input_ids], [t.to(acc.device) for t in b.attention_mask])
+                scores = to_matrix(flat.float(), b.slot, gmask)
+                loss = rm_loss(scores, gmask, cfg)
                 acc.backward(loss / cfg.grad_accum)
-            tokens += int(mask.sum())
+            tokens += b.tokens
             g = group_metrics([scores[i, gmask[i]].tolist() for i in range(len(batch))])
             m = {"loss": loss.item(), "acc": g["acc"], "margin": g["margin"], "score_mean": g["score_mean"]}
             for k, v in m.items():
