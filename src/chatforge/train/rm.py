@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from chatforge.config import check_range
 from chatforge.data.records import Preference, Ranking, write_jsonl
 from chatforge.errors import ConfigError, DataError
-from chatforge.runs import Run, plot_curves
+from chatforge.runs import Run
 from chatforge.train import core
 from chatforge.train.core import TrainConfig
 
@@ -497,7 +497,35 @@ def load_scorer(path_or_run: str | Path, batch_size: int = 8, max_len: int | Non
 
 
 # ---------------------------------------------------------------- the loop
-PLOT_KEYS = ["acc", "eval_acc", "loss", "eval_loss", "eval_margin", "eval_tau"]
+PANELS = [("pairwise accuracy", "acc", "eval_acc"), ("loss", "loss", "eval_loss"),
+          ("margin", "margin", "eval_margin"), ("Kendall tau (K >= 3)", None, "eval_tau")]
+
+
+def plot_accuracy(rows: list[dict[str, Any]], out: Path, title: str) -> Path | None:
+    """``accuracy.png``: train and held-out curves overlaid, one panel per quantity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in PANELS if any(k and k in r for r in rows for k in p[1:])]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (name, train_key, eval_key) in zip(axes[0], panels):
+        for key, label, style in ((train_key, "train", "-"), (eval_key, "held-out", "o-")):
+            pts = [(r["step"], r[key]) for r in rows if key and r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label, markersize=4)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
 
 
 def build_model(cfg: RMConfig, pad_id: int):
@@ -629,7 +657,7 @@ def train(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
         "train_groups": len(train_set), "train_samples": len(samples), "eval_groups": len(eval_set),
         "data": report.to_dict(), **last_eval}
     if acc.is_main_process:
-        plot_curves(run.read_metrics(), PLOT_KEYS, run.path / "accuracy.png", title=f"reward model ({cfg.loss})")
+        plot_accuracy(run.read_metrics(), run.path / "accuracy.png", title=f"reward model ({cfg.loss})")
     # with optimizer state: a finished run can be resumed for more steps (max_steps=...)
     core.save_checkpoint(run, step, acc, model, tokenizer, opt, sched, extra={"train_s": train_s},
                          keep_last=cfg.keep_last)
