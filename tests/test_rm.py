@@ -112,7 +112,8 @@ def test_ties_refused_and_bad_records_reported():
     groups = build_groups(recs, range(len(recs)), tok, 64, "auto", rep)
     assert [g.record for g in groups] == [0, 5]
     assert len(groups[1].ids) == 2
-    assert rep.skipped == {"identical responses (a tie)": 2, "empty response": 2, "tied ranks (refused)": 1,
+    assert rep.skipped == {"identical responses (a tie)": 2, "empty response": 1, "tied ranks (refused)": 1,
+                           "empty response dropped from a ranking (kept)": 1,
                            "conversation record (a reward model needs preferences or rankings)": 1}
     assert rep.first[0] == "t.jsonl:2: identical responses (a tie)"
     assert "t.jsonl:4: tied ranks (refused)" in rep.first

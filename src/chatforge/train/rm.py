@@ -277,10 +277,11 @@ def ordered_responses(rec: Any, report: DataReport) -> list[str] | None:
         report.skip(f"{rec.kind} record (a reward model needs preferences or rankings)", where)
         return None
     kept = [t for t in texts if t.strip()]
-    if len(kept) < len(texts):
+    if len(kept) < 2:
         report.skip("empty response", where)
-        if len(kept) < 2:
-            return None
+        return None
+    if len(kept) < len(texts):  # the rest of the ranking still says which is better
+        report.skip("empty response dropped from a ranking (kept)", where)
     if len({t.strip() for t in kept}) < len(kept):
         report.skip("identical responses (a tie)", where)
         return None
