@@ -87,6 +87,13 @@ def setup_accelerator(cfg: TrainConfig):
     from chatforge.models.load import autocast_dtype
 
     mp = mixed_precision(cfg)
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another
+    # precision; a pipeline (or a test session) runs several stages in one process, each
+    # with its own policy. Reset the per-run part; the process group (PartialState) stays.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     if acc.device.type == "cpu" and mp == "bf16" and autocast_dtype(acc.device) is None:
