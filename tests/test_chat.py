@@ -233,3 +233,22 @@ def test_repl_interrupted_reply_is_kept(chatty_dir, tmp_path):
     msgs = json.loads(saved.read_text())
     assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
     assert msgs[0]["content"] == "Be verbose." and len(msgs[2]["content"]) > 0
+
+
+def test_a_run_folder_chats_with_its_template(chatty_dir, tmp_path):
+    import shutil
+
+    from chatforge.chat.session import load_engine, run_template
+
+    run = tmp_path / "run"
+    shutil.copytree(chatty_dir, run / "model")
+    (run / "config.yaml").write_text("model: tiny\ntemplate: human-bot\n")
+    assert run_template(str(run)) == run_template(str(run / "model")) == "human-bot"
+    assert run_template(str(chatty_dir)) == "auto"
+    eng = load_engine(str(run), "fp32")
+    assert eng.tokenizer.decode(eng.encode_chat([{"role": "user", "content": "hi"}])) == "<human>hi<endOfText>\n<bot>"
+    assert "<endOfText>" in eng.chat_config(SamplingConfig()).stop  # a multi-token end of turn stops as text
+    eng = load_engine(str(run), "fp32", template="chatml")
+    assert eng.tokenizer.decode(eng.encode_chat([{"role": "user", "content": "hi"}])).startswith("<|im_start|>user")
+    with pytest.raises(ConfigError, match="unknown chat template"):
+        load_engine(str(run), "fp32", template="nope")

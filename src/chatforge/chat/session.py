@@ -37,12 +37,34 @@ SETTINGS = {
 }
 
 
-def load_engine(model: str, dtype: str = "auto") -> Engine:
+def run_template(model: str) -> str:
+    """The chat template a chatforge run was trained with (its ``config.yaml``), else "auto"
+    (the tokenizer's own template, ChatML when it has none)."""
+    p = Path(model).expanduser()
+    if not p.is_dir():
+        return "auto"
+    for d in (p, p.parent, p.parent.parent):  # run/, run/model/, run/checkpoints/step-N/
+        cfg = d / "config.yaml"
+        if cfg.is_file():
+            import yaml
+
+            try:
+                data = yaml.safe_load(cfg.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                return "auto"
+            t = data.get("template") if isinstance(data, dict) else None
+            return t if isinstance(t, str) and t else "auto"
+    return "auto"
+
+
+def load_engine(model: str, dtype: str = "auto", template: str | None = None) -> Engine:
     """Load a model by name (smollm2, tiny, run folder, HF dir, adapter, .gguf) for chatting.
 
-    ``dtype="auto"``: bf16 weights on CPUs with native bf16 (twice fewer bytes to read per
+    ``dtype="auto"``: bf16 weights on CPUs with native bf16 (half the bytes to read per
     token, and decoding is bound by memory bandwidth), else the loader's default.
+    ``template=None``: the run's template (see :func:`run_template`).
     """
+    from chatforge.data.templates import get_template
     from chatforge.models.load import fast_bf16_cpu, load
 
     if dtype == "auto":
@@ -50,7 +72,9 @@ def load_engine(model: str, dtype: str = "auto") -> Engine:
 
         dtype = "bf16" if not torch.cuda.is_available() and fast_bf16_cpu() else "auto"
     m, tok = load(model, dtype=dtype)
-    return Engine(m, tok)
+    template = template or run_template(model)
+    get_template(tok, template)  # an unknown name fails here, with the list of valid ones
+    return Engine(m, tok, template=template)
 
 
 def persona_prompt(path: str | Path) -> str:

@@ -28,6 +28,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: > 1 favours longer replies")
     p.add_argument("--message", action="append", metavar="TEXT",
                    help="send TEXT and print the reply, non-interactively (repeatable: one conversation)")
+    p.add_argument("--template", help="chat template: auto, tokenizer, chatml, alpaca, human-bot, hugchat or Jinja "
+                                      "(default: the run's, else the tokenizer's own)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="weights dtype (auto: bf16 on CPUs with native bf16, else fp32)")
     p.set_defaults(func=run)
@@ -48,7 +50,7 @@ def build_session(args):
     from chatforge.models.load import check_model_exists
 
     check_model_exists(args.model)
-    return ChatSession(load_engine(args.model, args.dtype), system="\n\n".join(parts) or None, cfg=cfg)
+    return ChatSession(load_engine(args.model, args.dtype, args.template), system="\n\n".join(parts) or None, cfg=cfg)
 
 
 def run(args) -> int:

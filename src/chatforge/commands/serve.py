@@ -19,6 +19,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--max-tokens", type=int, default=512, help="reply length when a request gives none (default 512)")
     p.add_argument("--name", help="model id reported by /v1/models (default: the model argument)")
+    p.add_argument("--template", help="chat template: auto, tokenizer, chatml, alpaca, human-bot, hugchat or Jinja "
+                                      "(default: the run's, else the tokenizer's own)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="weights dtype (auto: bf16 on CPUs with native bf16, else fp32)")
     p.add_argument("--log", action="store_true", help="log every request to stderr")
@@ -36,7 +38,7 @@ def run(args) -> int:
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens {args.max_tokens}: must be >= 1")
     check_model_exists(args.model)
-    engine = load_engine(args.model, args.dtype)
+    engine = load_engine(args.model, args.dtype, args.template)
     try:
         server = make_server(engine, args.name or str(args.model), args.host, args.port, args.max_tokens,
                              quiet=not args.log)
