@@ -101,10 +101,10 @@ def persona_prompt(path: str | Path) -> str:
         if not text.strip():
             raise ConfigError(f"--persona {p}: the file is empty")
         return text.strip()
-    unknown = set(data) - {"system", "name", "description", "style", "rules", "greeting"}
+    unknown = set(data) - {"system", "name", "description", "style", "rules"}
     if unknown:
         raise ConfigError(f"--persona {p}: unknown keys {', '.join(sorted(unknown))} "
-                          "(system, name, description, style, rules, greeting)")
+                          "(system, name, description, style, rules)")
     if data.get("system"):
         return str(data["system"]).strip()
     if not data.get("name") and not data.get("description"):
