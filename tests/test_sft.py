@@ -122,6 +122,36 @@ def test_token_weighted_loss_does_not_depend_on_micro_batching():
     assert per_micro != pytest.approx(l1, rel=1e-3)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_grouped_attention_matches_sdpa(packed):
+    """fp32: the GQA-folded eager attention gives sdpa's loss and gradients (packed rows'
+    block-diagonal mask, and padding)."""
+    from chatforge.models.tiny import tiny_model
+    from chatforge.train.sft import attention_for_training
+
+    model = tiny_model(heads=4, kv_heads=2)
+    model.config.attention_dropout = 0.0
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    if packed:
+        kw = {"position_ids": torch.cat([torch.arange(15), torch.arange(25)]).repeat(2, 1)}
+    else:
+        kw = {"attention_mask": torch.ones(2, 40, dtype=torch.long).index_fill_(1, torch.arange(33, 40), 0)}
+
+    def run():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids, **kw).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    l1, g1 = run()
+    with attention_for_training(model, "grouped", torch.device("cpu")):
+        assert model.config._attn_implementation == "chatforge_grouped"
+        l2, g2 = run()
+    assert model.config._attn_implementation == "sdpa"  # restored
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g1, g2))
+
+
 def test_master_weights_keep_fp32_and_accumulate_in_fp32():
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     mw = MasterWeights([p])

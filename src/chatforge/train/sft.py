@@ -25,6 +25,9 @@ Levers, in the order they matter on a 2-core CPU (measured by ``bench/sft.py``):
   them (:class:`MasterWeights`). Autocast would instead re-cast every fp32 weight on
   every forward and cast every weight gradient back. Under LoRA the frozen base simply
   is bf16 (no master needed); the adapter stays fp32.
+* **grouped attention** (``attention``, :func:`grouped_attention`): on CPU, eager attention
+  with the GQA query heads folded into one matmul per kv head beats the SDPA flash kernel,
+  whose backward is slow here (~20% of a SmolLM2 step at 256 tokens).
 * **fused AdamW** (``core.build_optimizer``): one kernel over all parameters instead of a
   dozen per-tensor passes.
 * **LM head on label positions only**: the 49k x 576 vocabulary projection and its
@@ -45,7 +48,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -62,6 +65,7 @@ from chatforge.train.core import TrainConfig
 
 IGNORE = -100
 PLOT_KEYS = ["loss", "eval_loss", "lr", "tokens_per_s", "grad_norm"]
+ATTENTION = ("auto", "grouped", "model", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 # ---------------------------------------------------------------- config
@@ -78,12 +82,15 @@ class SFTConfig(TrainConfig):
     eval_batch_size: int = 8           # rows per forward in evaluation
     eval_before: bool = True           # held-out loss of the starting model (step 0)
     bf16_weights: bool = True          # with bf16: bf16 compute weights + fp32 master (see module doc)
+    attention: str = "auto"            # training attention: auto (grouped on CPU), grouped, model (its own), sdpa, eager
 
     def validate(self) -> None:
         if self.lr == 0.0:
             self.lr = 2e-4 if self.lora else 2e-5  # resolved here so config.yaml records it
         super().validate()
         check_range("eval_batch_size", self.eval_batch_size, 1, None)
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"attention={self.attention!r}: expected one of {', '.join(ATTENTION)}")
 
 
 # ---------------------------------------------------------------- data
@@ -280,6 +287,61 @@ def cast_frozen(model, dtype: torch.dtype) -> int:
     return n
 
 
+GROUPED = "chatforge_grouped"
+
+
+def grouped_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+    """Eager attention for training on CPU, without ``repeat_kv``.
+
+    The ``g`` query heads that share a key/value head (GQA: 9 query, 3 kv heads on
+    SmolLM2) become ``g * T`` rows of ONE matmul against that kv head, so K and V are never
+    copied g times, and the backward is two plain bf16 matmuls per layer. On this CPU the
+    fwd+bwd is ~1.4x faster than the SDPA flash kernel at T=256-512. The additive mask
+    (``eager_mask``: 0 / -inf, block-diagonal for packed rows) is shared by the g heads.
+    """
+    b, h, t, d = query.shape
+    hk, s = key.shape[1], key.shape[2]
+    g = h // hk
+    scores = torch.matmul(query.reshape(b, hk, g * t, d), key.transpose(2, 3)) * scaling
+    scores = scores.view(b, hk, g, t, s)
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, None, :, -s:]
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs.view(b, hk, g * t, s), value)
+    return out.view(b, h, t, d).transpose(1, 2).contiguous(), None
+
+
+def register_grouped_attention() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register(GROUPED, grouped_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED, eager_mask)
+
+
+@contextmanager
+def attention_for_training(model, kind: str, device: torch.device) -> Iterator[None]:
+    """Switch the model to the training attention for the block, then back (so saved
+    configs and later inference keep the model's own implementation)."""
+    from chatforge.models.lora import is_peft
+
+    base = model.get_base_model() if is_peft(model) else model
+    before = getattr(base.config, "_attn_implementation", None)
+    want = {"auto": GROUPED if device.type == "cpu" and before in ("sdpa", "eager") else None,
+            "grouped": GROUPED, "model": None}.get(kind, kind)
+    if want is None or want == before:
+        yield
+        return
+    if want == GROUPED:
+        register_grouped_attention()
+    base.set_attn_implementation(want)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(before)
+
+
 def set_base_name(model, name: str) -> None:
     """Record a base that chatforge (and, for real paths, plain peft) can load again:
     the resolved directory for ``smollm2``/paths, the name itself for ``tiny``."""
@@ -385,6 +447,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False,
     rank, world = acc.process_index, acc.num_processes
     batches = core.batch_indices(len(data.train), cfg.batch_size, cfg.seed, rank, world,
                                  start_batch=step * cfg.grad_accum)
+    scope = ExitStack()  # training attention for the loop; the model's own again for saving and after
+    scope.enter_context(attention_for_training(model, cfg.attention, acc.device))
     deadline = run.start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf  # set-up counts too
     first_eval: dict[str, float] = {}
     last_eval: dict[str, float] = {}
@@ -463,6 +527,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False,
             stopped_early = True
             break
     bar.close()
+    scope.close()
 
     rows = run.read_metrics() if acc.is_main_process else []
     train_rows = [r for r in rows if "loss" in r]
