@@ -203,6 +203,10 @@ def test_resume_after_kill_matches_straight_run(tmp_path, lora):
         assert torch.allclose(straight[k], resumed[k], atol=1e-6), k
     steps = [r["step"] for r in map(json.loads, (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines())]
     assert steps == sorted(steps) and steps[-1] == 6
+    # resuming a finished run changes nothing
+    mtime = (tmp_path / "killed" / "summary.json").stat().st_mtime
+    train_sft(cfg, resume=True)
+    assert (tmp_path / "killed" / "summary.json").stat().st_mtime == mtime
 
 
 # ---------------------------------------------------------------- LoRA, export

@@ -384,6 +384,17 @@ def evaluate(loss_fn: TokenLoss, rows: list[dict], batch_size: int, pad_id: int,
 
 
 # ---------------------------------------------------------------- the loop
+def finished(out: Path, cfg: SFTConfig) -> bool:
+    """A run that completed its plan. One stopped by ``max_minutes`` (or resumed with a
+    larger ``max_steps``) is not: ``--resume`` continues it."""
+    import json
+
+    if not (out / "DONE").exists() or not (out / "summary.json").exists():
+        return False
+    s = json.loads((out / "summary.json").read_text())
+    return not s.get("stopped_early") and (cfg.max_steps == 0 or s.get("steps", 0) >= cfg.max_steps)
+
+
 def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False,
               on_step: Callable[[int, list[list[int]], nn.Module], None] | None = None) -> Path:
     """Run supervised fine-tuning; returns the run folder's ``model/``.
@@ -400,12 +411,17 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False,
 
     # quick failures first: model, data, options -- before any weights are loaded
     check_model_exists(cfg.model)
+    if resume and finished(Path(cfg.out), cfg):
+        print(f"{cfg.out} is finished (DONE); nothing to resume")
+        return Path(cfg.out) / "model"
     acc = core.setup_accelerator(cfg)
     say = acc.print
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = load_data(cfg, tokenizer, log=say)
     run = Run(cfg.out, resume=resume, overwrite=overwrite, is_main=acc.is_main_process)
+    if resume and acc.is_main_process:
+        (run.path / "DONE").unlink(missing_ok=True)  # running again: not done until finish()
     run.write_config(cfg)
     say(f"{len(data.train)} train rows, {len(data.eval)} held-out rows of <= {cfg.max_len} tokens")
 
@@ -450,7 +466,9 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False,
     scope = ExitStack()  # training attention for the loop; the model's own again for saving and after
     scope.enter_context(attention_for_training(model, cfg.attention, acc.device))
     deadline = run.start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf  # set-up counts too
-    first_eval: dict[str, float] = {}
+    first_eval: dict[str, float] = next(  # a resumed run keeps its step-0 evaluation
+        ({k: r[k] for k in ("eval_loss", "eval_ppl")} for r in run.read_metrics()
+         if r.get("step") == 0 and "eval_loss" in r), {}) if acc.is_main_process else {}
     last_eval: dict[str, float] = {}
     if step == 0 and cfg.eval_before and data.eval:
         first_eval = last_eval = evaluate(plain_loss, data.eval, cfg.eval_batch_size, pad_id, acc)
