@@ -236,12 +236,11 @@ def new_value_head(model):
 def sampling_config(cfg: PPOConfig, tokenizer, seed: int, temperature: float | None = None,
                     max_new_tokens: int | None = None):
     """Engine settings for rollouts; stop strings only when the end of turn is several tokens."""
-    from chatforge.data.templates import end_of_turn_ids, stop_strings
+    from chatforge.data.templates import stop_strings
     from chatforge.generate.engine import SamplingConfig
 
     t = cfg.temperature if temperature is None else temperature
-    stops = [] if len(end_of_turn_ids(tokenizer, cfg.template)) and _single_token_eot(tokenizer, cfg) \
-        else stop_strings(tokenizer, cfg.template)
+    stops = [] if _single_token_eot(tokenizer, cfg) else stop_strings(tokenizer, cfg.template)
     return SamplingConfig(max_new_tokens=max_new_tokens or cfg.response_len, temperature=t,
                           top_k=cfg.top_k if t > 0 else 0, top_p=cfg.top_p if t > 0 else 1.0, stop=stops,
                           seed=seed, logprobs=True)
