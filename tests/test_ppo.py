@@ -478,3 +478,13 @@ def test_lora_ppo_on_an_adapter_policy_publishes_a_loadable_merged_model(tmp_pat
         a, b = model(ids).logits, start(ids).logits
     assert (a - b).abs().max() < 1.0 and not torch.equal(a, b)  # the SFT policy, moved a little by PPO
     assert (Path(out) / "value_head.safetensors").exists()
+
+
+def test_gradient_checkpointing_keeps_the_ratio_exact(tmp_path):
+    from chatforge.train.ppo import train
+
+    cfg = _cfg(tmp_path, "gc", "lora=true", "gradient_checkpointing=true", "max_steps=2", "rollout_batch=4",
+               "ppo_epochs=1", "precision=auto")
+    train(cfg)
+    rows = _metrics(cfg.out)
+    assert [r["ratio_dev0"] for r in rows] == [0.0, 0.0] and rows[1]["kl"] != 0.0

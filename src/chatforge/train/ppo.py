@@ -224,6 +224,14 @@ def load_policy(name: str):
     return load_model(name, dtype="fp32", merge_adapter=True)
 
 
+def disable_dropout(model) -> None:
+    """p = 0 in every dropout layer (LoRA's too): with dropout on, the policy/old ratio
+    would not be 1 even before an update, and the KL to the reference would be noise."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
 def new_value_head(model):
     """A zero-initialised scalar head on the policy's hidden size: V = 0 at the start, so the
     first value losses are the plain squared returns instead of noise on top of them."""
@@ -447,7 +455,8 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
     model = core.prepare_model(model, cfg).to(acc.device)
     if cfg.lora:
         model.peft_config["default"].base_model_name_or_path = _portable_name(cfg.model)
-    model.eval()  # dropout off for good: old and new log-probs must come from the same function
+    disable_dropout(model)  # old and new log-probs must come from the same function
+    model.train()  # (train mode only so that gradient checkpointing, which HF runs in train mode, works)
     value_head = new_value_head(model).to(acc.device) if cfg.algo == "ppo" else None
     pv = xp.PolicyValue(model, value_head, cfg.temperature)
     if ref_model is not None:
