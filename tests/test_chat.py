@@ -163,7 +163,7 @@ def test_repl_in_a_terminal(chatty_dir, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
     child = pexpect.spawn(sys.executable, ["-m", "chatforge.cli", "chat", str(chatty_dir), "--max-tokens", "8"],
-                          cwd=str(REPO), env=env, encoding="utf-8", timeout=120)
+                          cwd=str(REPO), env=env, encoding="utf-8", timeout=300)
     try:
         child.expect_exact(">>> ")
         child.sendline("Hello there")
@@ -188,7 +188,7 @@ def test_repl_in_a_terminal(chatty_dir, tmp_path):
         child.expect_exact("Tell me a very long story")
         time.sleep(1.0)
         child.sendintr()
-        child.expect_exact("[interrupted]", timeout=60)
+        child.expect_exact("[interrupted]", timeout=180)
         child.expect_exact(">>> ")
         assert "conversation reset" in ask("/reset")
         assert "max_tokens=5" in ask("/set max_tokens=5 temperature=0")
@@ -214,7 +214,7 @@ def test_repl_interrupted_reply_is_kept(chatty_dir, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
     child = pexpect.spawn(sys.executable, ["-m", "chatforge.cli", "chat", str(chatty_dir), "--max-tokens", "1900",
                                            "--system", "Be verbose."],
-                          cwd=str(REPO), env=env, encoding="utf-8", timeout=120)
+                          cwd=str(REPO), env=env, encoding="utf-8", timeout=300)
     saved = tmp_path / "t.json"
     try:
         child.expect_exact(">>> ")
@@ -222,7 +222,7 @@ def test_repl_interrupted_reply_is_kept(chatty_dir, tmp_path):
         child.expect_exact("Go on and on")
         time.sleep(1.0)
         child.sendintr()
-        child.expect_exact("[interrupted]", timeout=60)
+        child.expect_exact("[interrupted]", timeout=180)
         child.expect_exact(">>> ")
         child.sendline(f"/save {saved}")
         child.expect_exact(">>> ")
