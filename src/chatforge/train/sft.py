@@ -24,7 +24,8 @@ Levers, in the order they matter on a 2-core CPU (measured by ``bench/sft.py``):
   computes with bf16 weights; fp32 master weights and fp32 optimizer state live beside
   them (:class:`MasterWeights`). Autocast would instead re-cast every fp32 weight on
   every forward and cast every weight gradient back. Under LoRA the frozen base simply
-  is bf16 (no master needed); the adapter stays fp32.
+  is bf16 (no master needed) and the adapter computes in bf16 from fp32 masters too (else
+  peft casts every adapted activation to fp32).
 * **grouped attention** (``attention``, :func:`grouped_attention`): on CPU, eager attention
   with the GQA query heads folded into one matmul per kv head runs fwd+bwd ~2x faster than
   the SDPA flash kernel, whose backward is slow here (~15-20% of a SmolLM2 step at 256
@@ -458,10 +459,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False,
     # precision: bf16 compute weights (fp32 masters) instead of re-casting under autocast
     masters = None
     if cfg.bf16_weights and acc.mixed_precision == "bf16":
-        if cfg.lora:
-            cast_frozen(model, torch.bfloat16)
-        else:
-            masters = MasterWeights([p for p in model.parameters()])
+        cast_frozen(model, torch.bfloat16)  # a LoRA base: bf16, no master needed
+        masters = MasterWeights([p for p in model.parameters()])  # the trained weights (all, or the adapter)
     loss_fn = acc.prepare(TokenLoss(model))  # DDP over the whole loss computation when distributed
     plain_loss = acc.unwrap_model(loss_fn)
     master_ctx = masters.as_master if masters is not None else nullcontext
