@@ -11,10 +11,7 @@ newest checkpoint with the config it was started with (``key=value`` may still c
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
+from chatforge.commands._train import build_train_config, take_overrides
 
 
 def add_parser(subparsers) -> None:
@@ -35,39 +32,19 @@ def add_parser(subparsers) -> None:
 
 
 def split_overrides(args) -> tuple[list[str], list[str], list[str]]:
-    """``--data a.jsonl lr=1e-5``: argparse hands ``lr=1e-5`` to --data; give it back.
-    Returns (data files, eval data files, overrides)."""
+    """(data files, eval data files, overrides): see :func:`take_overrides`."""
     overrides = list(args.overrides or [])
-    lists = []
-    for items in (args.data or [], args.eval_data or []):
-        files = []
-        for item in items:
-            (overrides if _OVERRIDE.match(item) and not Path(item).exists() else files).append(item)
-        lists.append(files)
-    return lists[0], lists[1], overrides
+    files = take_overrides(args.data, overrides)
+    return files, take_overrides(args.eval_data, overrides), overrides
 
 
 def build_config(args):
-    from chatforge.config import deep_merge, load_config, parse_overrides, read_yaml
     from chatforge.train.dpo import DPOConfig
 
     files, eval_files, overrides = split_overrides(args)
     flags = {"model": args.policy, "data": files or None, "eval_data": eval_files or None, "out": args.out,
              "loss": args.loss, "beta": args.beta, "lora": args.lora}
-    over = deep_merge(parse_overrides(overrides), {k: v for k, v in flags.items() if v is not None})
-    recipe, section = args.config, None
-    if recipe is not None:
-        section = "dpo" if isinstance(read_yaml(recipe).get("dpo"), dict) else None
-    base = None
-    if args.resume:  # continue with the config the run was started with
-        out = over.get("out")
-        if out is None and recipe is not None:
-            r = read_yaml(recipe)
-            out = (r.get(section) or {}).get("out") if section else r.get("out")
-        saved = Path(str(out or "runs/run")) / "config.yaml"
-        if saved.is_file():
-            base = read_yaml(saved)
-    return load_config(DPOConfig, path=recipe, overrides=over, section=section, base=base)
+    return build_train_config(DPOConfig, "dpo", args, flags, overrides)
 
 
 def run(args) -> int:

@@ -11,10 +11,7 @@ started with.
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
+from chatforge.commands._train import build_train_config, take_overrides
 
 
 def add_parser(subparsers) -> None:
@@ -36,34 +33,18 @@ def add_parser(subparsers) -> None:
 
 
 def split_overrides(args) -> tuple[list[str], list[str]]:
-    """``--data a.jsonl lr=1e-5``: argparse hands ``lr=1e-5`` to --data; give it back."""
-    files, overrides = [], list(args.overrides or [])
-    for item in args.data or []:
-        (overrides if _OVERRIDE.match(item) and not Path(item).exists() else files).append(item)
-    return files, overrides
+    """(data files, overrides): see :func:`take_overrides`."""
+    overrides = list(args.overrides or [])
+    return take_overrides(args.data, overrides), overrides
 
 
 def build_config(args):
-    from chatforge.config import deep_merge, load_config, parse_overrides, read_yaml
     from chatforge.train.rm import RMConfig
 
     files, overrides = split_overrides(args)
     flags = {"model": args.model, "data": files or None, "eval_data": args.eval_data, "out": args.out,
              "loss": args.loss, "lora": args.lora}
-    over = deep_merge(parse_overrides(overrides), {k: v for k, v in flags.items() if v is not None})
-    recipe, section = args.config, None
-    if recipe is not None:
-        section = "rm" if isinstance(read_yaml(recipe).get("rm"), dict) else None
-    base = None
-    if args.resume:  # continue with the config the run was started with
-        out = over.get("out")
-        if out is None and recipe is not None:
-            r = read_yaml(recipe)
-            out = (r.get(section) or {}).get("out") if section else r.get("out")
-        saved = Path(str(out or "runs/run")) / "config.yaml"
-        if saved.is_file():
-            base = read_yaml(saved)
-    return load_config(RMConfig, path=recipe, overrides=over, section=section, base=base)
+    return build_train_config(RMConfig, "rm", args, flags, overrides)
 
 
 def run(args) -> int:
