@@ -87,7 +87,7 @@ class DPOConfig(TrainConfig):
     beta: float = 0.1                  # KL strength: sigmoid temperature / IPO target margin 1/(2 beta)
     label_smoothing: float = 0.0       # conservative DPO: assumed share of flipped labels (sigmoid only)
     lr: float = 0.0                    # 0 = auto: 5e-6 full fine-tuning, 5e-5 with LoRA
-    batch_size: int = 4                # pairs per micro-batch (8 sequences per forward)
+    batch_size: int = 4                # pairs per micro-batch (one row of prompt + chosen + rejected each)
     grad_accum: int = 2
     ref_batch_size: int = 16           # pairs per forward in the no-grad reference / eval passes
     eval_prompts: list[str] = field(default_factory=list)  # prompt files for KL / judge (default: eval pairs' prompts)
@@ -686,7 +686,7 @@ def judge_win_rate(model, tokenizer, prompts, cfg: DPOConfig) -> dict[str, float
 
 
 # ---------------------------------------------------------------- the loop
-PLOT_KEYS = ["loss", "eval_loss", "acc", "eval_acc", "margin", "eval_margin", "chosen_logp", "rejected_logp", "kl"]
+PLOT_KEYS = ["loss", "eval_acc", "eval_margin", "chosen_logp", "rejected_logp", "kl"]
 
 
 def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -735,6 +735,8 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
         if state is not None:
             step = state["step"]
             say(f"resumed from {state['checkpoint']} at step {step}")
+            if step < steps and acc.is_main_process:
+                (run.path / "DONE").unlink(missing_ok=True)  # finished before; not any more
     batches = core.batch_indices(len(train_set), cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes,
                                  start_batch=step * cfg.grad_accum)
 
