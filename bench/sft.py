@@ -12,7 +12,10 @@ applies). Each side runs in its own subprocess, so peak RSS is its own.
 
 Printed: tokens/s (real, non-pad tokens over the steady steps -- the first ``--warmup``
 steps are oneDNN/allocator warm-up and are left out), the ratio, peak RSS, and chatforge's
-share of this machine's bf16 matmul peak, measured here first with a large bf16 matmul:
+share of this machine's bf16 matmul peak, measured here first with a large bf16 matmul.
+Every figure comes per wall second and per CPU second of the side's process: on a
+shared machine wall time measures the neighbours, CPU time (best with ``--threads 1``,
+where no OpenMP thread spins waiting for a descheduled sibling) still measures the work.
 
 * MFU counts model FLOPs per token as ``6 * N + 12 * L * d * S`` (N parameters -- the tied
   LM head counted once, as it is one matmul --, L layers, d hidden, S = row length): the
@@ -55,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variant", nargs="*", default=[], metavar="key=value", help="chatforge SFTConfig overrides")
     p.add_argument("--side", choices=["both", "chatforge", "trl"], default="both")
     p.add_argument("--profile", action="store_true", help="print the top ops of one chatforge step")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per side (0 = torch's default); 1 gives steadier figures on a busy machine")
     p.add_argument("--data", default=str(MALAY))
     p.add_argument("--child", choices=["chatforge", "trl", "profile"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -62,19 +67,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- peak and FLOPs (parent)
-def bf16_matmul_peak(n: int = 4096, reps: int = 6, trials: int = 3) -> float:
-    """Best sustained bf16 GFLOP/s of an n x n matmul on this machine (all threads)."""
+def bf16_matmul_peak(n: int = 4096, reps: int = 6, trials: int = 3) -> tuple[float, float]:
+    """Best sustained bf16 GFLOP/s of an n x n matmul here: per wall second (all threads
+    torch uses) and per CPU second (one core's peak; robust when the machine is shared)."""
     import torch
 
     a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
     a @ b
-    best = 0.0
+    wall = cpu = 0.0
     for _ in range(trials):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(reps):
             a @ b
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9)
-    return best
+        flops = 2 * n ** 3 * reps / 1e9
+        wall = max(wall, flops / (time.perf_counter() - t))
+        cpu = max(cpu, flops / (time.process_time() - c))
+    return wall, cpu
 
 
 def model_shape() -> dict:
@@ -146,11 +154,13 @@ def run_chatforge(args, workdir: Path) -> dict:
     from chatforge.config import deep_merge, parse_overrides
 
     cfg = load_config(SFTConfig, overrides=deep_merge(over, parse_overrides(args.variant)))
+    cpu = [time.process_time()]
     t0 = time.perf_counter()
-    train_sft(cfg, overwrite=True)
+    train_sft(cfg, overwrite=True, on_step=lambda *a: cpu.append(time.process_time()))
     total = time.perf_counter() - t0
     rows = [r for r in read_metrics(workdir / "cf-run" / "metrics.jsonl") if "step_time_s" in r]
     return {"step_times": [r["step_time_s"] for r in rows],
+            "step_cpu": [b - a for a, b in zip(cpu, cpu[1:])],
             "step_tokens": [r["tokens_per_s"] * r["step_time_s"] for r in rows],
             "total_s": total, "peak_rss_mb": peak_rss_mb()}
 
@@ -170,13 +180,15 @@ def run_trl(args, workdir: Path) -> dict:
         tok.pad_token = tok.eos_token
     ds = load_dataset("json", data_files=str(workdir / "trl.jsonl"), split="train")
     times: list[float] = []
+    cpu: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, a, state, control, **kw):
             times.append(time.perf_counter() - self.t)
+            cpu.append(time.process_time() - self.c)
 
     packing = args.trl_packing != "off"
     cfg = SFTConfig(output_dir=str(workdir / "trl-run"), per_device_train_batch_size=args.batch,
@@ -200,7 +212,7 @@ def run_trl(args, workdir: Path) -> dict:
     trainer.train()
     seen = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]  # cumulative, real tokens
     step_tokens = [b - a for a, b in zip([0.0] + seen[:-1], seen)]
-    return {"step_times": times, "step_tokens": step_tokens, "total_s": time.perf_counter() - t0,
+    return {"step_times": times, "step_cpu": cpu, "step_tokens": step_tokens, "total_s": time.perf_counter() - t0,
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -235,9 +247,11 @@ def run_profile(args, workdir: Path) -> dict:
 def child(side: str, args, workdir: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--workdir", str(workdir), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-len", str(args.max_len),
-           "--lr", str(args.lr), "--trl-packing", args.trl_packing]
+           "--lr", str(args.lr), "--trl-packing", args.trl_packing, "--threads", str(args.threads)]
     cmd += ["--lora"] * args.lora + (["--variant", *args.variant] if args.variant else [])
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -246,21 +260,24 @@ def child(side: str, args, workdir: Path) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def steady(r: dict, warmup: int) -> tuple[float, float]:
-    """(tokens/s, median step seconds) over the steps after the warm-up."""
-    t, n = r["step_times"][warmup:], r["step_tokens"][warmup:]
-    if not t:
-        t, n = r["step_times"], r["step_tokens"]
-    return sum(n) / sum(t), statistics.median(t)
+def steady(r: dict, warmup: int) -> tuple[float, float, float]:
+    """(tokens per wall second, tokens per CPU second, median step seconds) after the warm-up."""
+    k = warmup if len(r["step_times"]) > warmup else 0
+    t, c, n = r["step_times"][k:], r["step_cpu"][k:], r["step_tokens"][k:]
+    return sum(n) / sum(t), sum(n[:len(c)]) / sum(c), statistics.median(t)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.child:
         fn = {"chatforge": run_chatforge, "trl": run_trl, "profile": run_profile}[args.child]
         print("RESULT " + json.dumps(fn(args, Path(args.workdir))), flush=True)
         return 0
-    peak = bf16_matmul_peak()
+    peak, peak_cpu = bf16_matmul_peak()
     shape = model_shape()
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
         workdir = Path(tmp)
@@ -275,9 +292,12 @@ def main(argv=None) -> int:
           f"{info['label_share']:.0%} labelled), TRL packing {args.trl_packing}, {os.cpu_count()} CPU cores")
     if args.variant:
         print(f"chatforge variant: {' '.join(args.variant)}")
-    print(f"bf16 matmul peak here: {peak:.0f} GFLOP/s")
+    import torch
+
+    print(f"bf16 matmul peak here: {peak:.0f} GFLOP/s with {torch.get_num_threads()} threads, "
+          f"{peak_cpu:.0f} GFLOP per CPU-second")
     print(f"{'':26}" + "".join(f"{s:>14}" for s in sides))
-    table, tps = {}, {}
+    table, tps, tpc = {}, {}, {}
     fpt = flops_per_token(shape, args.max_len)
     # LoRA skips the frozen weights' gradient matmuls: 4N instead of 6N (approximately)
     fpt_eff = fpt * (4 / 6 if args.lora else 1)
@@ -286,18 +306,21 @@ def main(argv=None) -> int:
         if "error" in r:
             table[s] = {"tokens / s": r["error"]}
             continue
-        tps[s], med = steady(r, args.warmup)
-        table[s] = {"tokens / s": f"{tps[s]:.0f}", "step median (s)": f"{med:.2f}",
+        tps[s], tpc[s], med = steady(r, args.warmup)
+        table[s] = {"tokens / s": f"{tps[s]:.0f}", "tokens / CPU-s": f"{tpc[s]:.0f}", "step median (s)": f"{med:.2f}",
                     "tokens / step": f"{statistics.fmean(r['step_tokens'][args.warmup:] or r['step_tokens']):.0f}",
                     "MFU (6N+attn)": f"{tps[s] * fpt_eff / 1e9 / peak:.0%}",
+                    "MFU per CPU-s": f"{tpc[s] * fpt_eff / 1e9 / peak_cpu:.0%}",
                     "total wall (s)": f"{r['total_s']:.0f}", "peak RSS (MiB)": f"{r['peak_rss_mb']:.0f}"}
     if "chatforge" in tps:
         hfu = flops_per_token(shape, args.max_len, info["label_share"]) * (4 / 6 if args.lora else 1)
         table["chatforge"]["HFU (executed)"] = f"{tps['chatforge'] * hfu / 1e9 / peak:.0%}"
+        table["chatforge"]["HFU per CPU-s"] = f"{tpc['chatforge'] * hfu / 1e9 / peak_cpu:.0%}"
     for key in dict.fromkeys(k for s in sides for k in table[s]):
         print(f"{key:26}" + "".join(f"{table[s].get(key, ''):>14}" for s in sides))
     if len(tps) == 2:
         print(f"{'speed-up (tokens/s)':26}{tps['chatforge'] / tps['trl']:>13.2f}x  (goal >= 1.5x)")
+        print(f"{'speed-up (tokens/CPU-s)':26}{tpc['chatforge'] / tpc['trl']:>13.2f}x")
         print(f"{'RSS ratio (TRL / ours)':26}{res['trl']['peak_rss_mb'] / res['chatforge']['peak_rss_mb']:>13.2f}x")
     if prof:
         print("\none chatforge step, top ops by self CPU time:\n" + prof.get("table", prof.get("error", "")))

@@ -486,7 +486,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False,
 
     bar = tqdm(total=steps, initial=step, desc="sft", disable=not acc.is_main_process, dynamic_ncols=True)
     window = {"ce": 0.0, "n": 0, "tokens": 0, "steps": 0, "gnorm": 0.0}
-    t_window = t_train = time.time()
+    t_window = time.time()
     train_time, train_tokens = 0.0, 0
     stopped_early = False
     while step < steps:
@@ -528,6 +528,9 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False,
         bar.update(1)
 
         out_of_time = time.time() > deadline
+        if world > 1:  # every rank stops at the same step, or the collectives hang
+            flag = torch.tensor([float(out_of_time)], device=acc.device)
+            out_of_time = bool(acc.reduce(flag, reduction="sum").item() > 0)
         last = step == steps or out_of_time
         if step % cfg.log_every == 0 or last:
             dt = time.time() - t_window
