@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora", action="store_true", help="LoRA (r=16, all linear layers) on both sides")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on both sides")
     p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads per side (0 = torch default); 1 avoids OpenMP stalls on a busy machine")
     p.add_argument("--data", default=str(HH))
     p.add_argument("--side", choices=["both", "chatforge", "trl"], default="both")
     p.add_argument("--child", choices=["chatforge", "trl"], help=argparse.SUPPRESS)
@@ -149,6 +151,8 @@ def child(side: str, args, workdir: Path) -> dict:
            "--batch", str(args.batch), "--max-len", str(args.max_len), "--lr", str(args.lr)]
     cmd += ["--lora"] * args.lora + ["--grad-ckpt"] * args.grad_ckpt
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -180,7 +184,8 @@ def main(argv=None) -> int:
     mode = "LoRA r=16" if args.lora else "full fine-tuning"
     print(f"\nDPO, SmolLM2-135M, {mode}, bf16 autocast, grad ckpt {'on' if args.grad_ckpt else 'off'}, "
           f"{args.steps} steps x {args.batch} pairs, max_len {args.max_len}, "
-          f"{info['pairs']} hh-rlhf pairs (mean {info['mean_seq_len']:.0f} tokens/sequence), {os.cpu_count()} CPU cores")
+          f"{info['pairs']} hh-rlhf pairs (mean {info['mean_seq_len']:.0f} tokens/sequence), {os.cpu_count()} CPU cores, "
+          f"{args.threads or 'default'} threads")
     print(f"{'':28}" + "".join(f"{s:>14}" for s in sides))
     table = {}
     for s in sides:
