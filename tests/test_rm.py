@@ -377,3 +377,17 @@ def test_length_sorted_chunks_give_the_same_scores_in_the_right_slots():
             for g, row, mask in zip(groups, m, bt.group_mask):
                 got = row[mask].tolist()
                 assert got == pytest.approx([want[tuple(s)] for s in g.ids], abs=1e-5)
+
+
+def test_split_seed_keeps_the_held_out_set_when_the_training_seed_changes(tmp_path):
+    from chatforge.train.rm import load_data
+
+    data = tmp_path / "prefs.jsonl"
+    write_jsonl(marker_prefs(50), data)
+    tok = tiny_tokenizer()
+
+    def held(**kw):
+        _, h, _ = load_data(tiny_cfg(tmp_path, [str(data)], **kw), tok, log=lambda *_: None)
+        return [g.record for g in h]
+
+    assert held(seed=1, split_seed=0) == held(seed=0) != held(seed=1)

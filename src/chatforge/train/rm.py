@@ -70,6 +70,7 @@ class RMConfig(TrainConfig):
     margin: float = 0.0             # pairwise / kwise: require r_better - r_worse >= margin
     center_coef: float = 0.0        # reward centring: + coef * mean over groups of (mean reward)^2
     eval_fraction: float = 0.2      # held out by record (fixed seed) when eval_data is empty
+    split_seed: int = -1            # seed of that split; -1 = `seed` (vary `seed` alone to re-run on the same split)
     max_eval_records: int = 200     # periodic evals use this many held-out records (0 = all); the final eval all
     eval_batch_size: int = 16       # sequences per no-grad forward
     eval_at_start: bool = True      # evaluate the untrained head at step 0 (the chance baseline)
@@ -367,12 +368,14 @@ def load_data(cfg: RMConfig, tokenizer, run: Run | None = None, log=print
         eval_records = read_records(cfg.eval_data, cfg.format, report, log)
         eval_src = list(cfg.eval_data)
     else:
-        train_idx, held_idx = split_indices(len(records), cfg.eval_fraction, cfg.seed)
+        split_seed = cfg.seed if cfg.split_seed < 0 else cfg.split_seed
+        train_idx, held_idx = split_indices(len(records), cfg.eval_fraction, split_seed)
         eval_records, eval_src = records, list(cfg.data)
     if run is not None and run.is_main:
         heldout = [eval_records[i] for i in held_idx] if not cfg.eval_data else eval_records
         run.write_json("split.json", {"data": list(cfg.data), "eval_data": list(cfg.eval_data),
-                                      "seed": cfg.seed, "eval_fraction": cfg.eval_fraction,
+                                      "seed": cfg.seed if cfg.split_seed < 0 else cfg.split_seed,
+                                      "eval_fraction": cfg.eval_fraction,
                                       "records": len(records), "heldout": held_idx,
                                       "note": "indices into the records of `data` as read, in file order"})
         write_jsonl(heldout, run.path / "heldout.jsonl")
