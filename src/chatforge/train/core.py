@@ -196,8 +196,13 @@ def unwrap(accelerator, model):
 def save_model(model, tokenizer, out: Path) -> None:
     """HF format: full model (safetensors) or LoRA adapter, tokenizer with its chat
     template, and the generation config -- loadable by plain transformers/peft."""
+    import warnings
+
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    with warnings.catch_warnings():  # peft looks for the base's config.json to detect a resized vocabulary;
+        # our bases are often a name ("smollm2") or an adapter run, and we never resize
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     gen = getattr(model, "generation_config", None)
@@ -312,18 +317,71 @@ def resume_from(run: Run, accelerator, model, optimizer=None, scheduler=None, ex
     return out
 
 
-def finish(run: Run, accelerator, model, tokenizer, step: int, **summary: Any) -> Path:
-    """Final checkpoint -> ``model/``, ``summary.json``, ``DONE``."""
+def finish(run: Run, accelerator, model, tokenizer, step: int, merge: bool = False, **summary: Any) -> Path:
+    """Final checkpoint -> ``model/``, ``summary.json``, ``DONE``.
+
+    ``merge``: publish ``model/`` as full merged weights instead of the checkpoint's adapter
+    (see :func:`publish_merged`)."""
     ck = run.latest_checkpoint()
     if ck is None or checkpoint_step(ck) != step:
         ck = save_checkpoint(run, step, accelerator, model, tokenizer, keep_last=0)
     if accelerator is None or accelerator.is_main_process:
-        run.publish_model(ck)
+        if merge:
+            publish_merged(run, model, tokenizer, ck)
+        else:
+            run.publish_model(ck)
         run.write_summary(steps=step, **summary)
         run.mark_done()
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return run.path / "model"
+
+
+def starts_from_adapter(name: str) -> bool:
+    """Whether the start model ``name`` is itself a LoRA adapter (e.g. a LoRA SFT run)."""
+    from chatforge.models.load import resolve
+
+    return resolve(name).kind == "adapter"
+
+
+def portable_name(name: str) -> str:
+    """What a saved adapter names as its base: built-in names as they are, paths absolute."""
+    from chatforge.models.load import SMOLLM2_NAMES
+
+    if name.lower() in SMOLLM2_NAMES or name.lower() == "tiny" or not Path(name).exists():
+        return name
+    return str(Path(name).resolve())
+
+
+def name_adapter_base(model, start: str) -> None:
+    """Record ``start`` (the model training began from) as the adapter's base.
+
+    The trainers merge a LoRA start model into the backbone before adding their own
+    adapter, so the backbone path peft would record (the raw base model) is wrong: a
+    checkpoint loaded on it would silently lose the start adapter (the SFT behaviour)."""
+    if is_peft(model):
+        for cfg in model.peft_config.values():
+            cfg.base_model_name_or_path = portable_name(start)
+
+
+def publish_merged(run: Run, model, tokenizer, checkpoint: Path) -> Path:
+    """``model/`` as full merged weights: the start policy was itself an adapter (merged
+    into the backbone we trained on), so this run's adapter alone has no loadable base
+    outside chatforge. Extra files of the checkpoint (a value head) are kept."""
+    import copy
+    import shutil
+    import tempfile
+
+    merged = copy.deepcopy(model).merge_and_unload()
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-merged-", dir=run.path))
+    save_model(merged, tokenizer, tmp)
+    for extra in checkpoint.glob("value_head.safetensors"):
+        shutil.copy2(extra, tmp / extra.name)
+    dst = run.path / "model"
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.replace(dst)
+    return dst
 
 
 def tokens_per_second(tokens: int, seconds: float) -> float:

@@ -714,6 +714,8 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
 
     # model, reference cache (before any update: the model is the reference now)
     model = core.prepare_model(load_policy(cfg.model), cfg).to(acc.device)
+    if cfg.lora:
+        core.name_adapter_base(model, cfg.model)
     steps = core.total_steps(cfg, len(train_set), acc.num_processes)
     n_eval = min(len(eval_set), cfg.max_eval_records)
     t_ref = time.time()
@@ -830,4 +832,5 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
             f"{summary['win_rate']:.3f}")
     if acc.is_main_process:
         plot_curves(run.read_metrics(), PLOT_KEYS, run.path / "dpo.png", title=f"DPO ({cfg.loss}, beta={cfg.beta})")
-    return core.finish(run, acc, model, tokenizer, step, **summary)
+    return core.finish(run, acc, model, tokenizer, step, merge=cfg.lora and core.starts_from_adapter(cfg.model),
+                       **summary)

@@ -454,7 +454,7 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
             p.requires_grad_(False)
     model = core.prepare_model(model, cfg).to(acc.device)
     if cfg.lora:
-        model.peft_config["default"].base_model_name_or_path = _portable_name(cfg.model)
+        core.name_adapter_base(model, cfg.model)
     disable_dropout(model)  # old and new log-probs must come from the same function
     model.train()  # (train mode only so that gradient checkpointing, which HF runs in train mode, works)
     value_head = new_value_head(model).to(acc.device) if cfg.algo == "ppo" else None
@@ -579,39 +579,5 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
     latest = run.latest_checkpoint()
     if latest is None or checkpoint_step(latest) != step:
         save(step)  # with the value head and controller state, so the final step can be resumed from
-    out = core.finish(run, acc, model, tokenizer, step, **summary)
-    if cfg.lora and acc.is_main_process and _is_adapter(cfg.model):
-        publish_merged(run, model, tokenizer)
-    return out
-
-
-def _is_adapter(name: str) -> bool:
-    from chatforge.models.load import resolve
-
-    return resolve(name).kind == "adapter"
-
-
-def publish_merged(run: Run, model, tokenizer) -> Path:
-    """``model/`` as full merged weights: the start policy was itself an adapter (merged
-    into the backbone we trained on), so a PPO adapter alone has no loadable base."""
-    import shutil
-    import tempfile
-
-    merged = copy.deepcopy(model).merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-merged-", dir=run.path))
-    core.save_model(merged, tokenizer, tmp)
-    dst = run.path / "model"
-    for extra in dst.glob("value_head.safetensors"):
-        shutil.copy2(extra, tmp / extra.name)
-    shutil.rmtree(dst)
-    tmp.replace(dst)
-    return dst
-
-
-def _portable_name(name: str) -> str:
-    """What a saved adapter names as its base: built-in names as they are, paths absolute."""
-    from chatforge.models.load import SMOLLM2_NAMES
-
-    if name.lower() in SMOLLM2_NAMES or name.lower() == "tiny" or not Path(name).exists():
-        return name
-    return str(Path(name).resolve())
+    return core.finish(run, acc, model, tokenizer, step, merge=cfg.lora and core.starts_from_adapter(cfg.model),
+                       **summary)
