@@ -67,6 +67,7 @@ class EvalSpec:
     max_new_tokens: int = 96
     temperature: float = 0.0
     seed: int = 0
+    max_checkpoints: int = 0        # per run, evenly spaced, the last always; 0 = every checkpoint
     judge_url: str | None = None
     judge_model: str | None = None
 
@@ -275,7 +276,7 @@ def run_eval_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> No
         runs, baseline=baseline, base_model=recipe.model, prompts=str(prompts) if prompts else None,
         heldout=str(heldout) if heldout.exists() else None, rm=rm, out=str(root / "eval"),
         max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=e.seed,
-        judge_url=e.judge_url, judge_model=e.judge_model, log=log)
+        max_checkpoints=e.max_checkpoints, judge_url=e.judge_url, judge_model=e.judge_model, log=log)
     stages = {s: str(root / s) for s in ("sft", "rm", "ppo", "dpo") if (root / s).is_dir()}
     write_report(root, stages, result)
     (root / "eval" / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))

@@ -3,6 +3,11 @@
 Targets every linear layer of attention and MLP by default: on small models adapting
 only q/v learns markedly slower for the same step budget, and the extra adapter weights
 are still <2% of the model.
+
+No adapter dropout by default (peft's default too): dropout on the adapter's input draws a
+Bernoulli mask per projection input, and on a CPU those random draws took ~40% of a
+SmolLM2 forward pass here (1.9 ms per call, 210 calls). Set ``lora_cfg.dropout`` when
+a small data set overfits.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class LoraSettings:
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.0   # see the module docstring: costly on CPU, off unless overfitting
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
     def validate(self) -> None:
