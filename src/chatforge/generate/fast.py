@@ -100,6 +100,7 @@ class FastLlamaDecoder:
         self.device = next(model.parameters()).device
         self.kernels = _kernels.load() if use_kernels and self.device.type == "cpu" else None
         self._use_kernels = self._kernels_ok = False
+        self._fused = None
 
     def _linear(self, x: torch.Tensor, module, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``residual + module(x)``; a LoRA layer adds its active adapters as ``peft`` does
@@ -158,6 +159,10 @@ class FastLlamaDecoder:
         self._kernels_ok = self.kernels is not None and dtype in self.kernels.DTYPES and all(
             p.dtype == dtype and p.device.type == "cpu" and p.is_contiguous()
             for n, p in self.base.named_parameters() if "lora_" not in n)
+        # no adapter in the layers: all of them in one C call (same kernels, same order, same bits)
+        plain = self.base is self.model and all(not hasattr(m, "base_layer") for m in self.base.modules())
+        self._fused = self.kernels.layer_pointers(self.base.model.layers) if self._kernels_ok and plain else None
+        self._buffers: dict[str, torch.Tensor] = {}
         return out.logits[:, -1]
 
     # -------------------------------------------------------------- one token
@@ -178,13 +183,27 @@ class FastLlamaDecoder:
                              and x.dtype == cos.dtype == self.k[0].dtype)
         layer_step = self._layer_c if self._use_kernels else self._layer_torch
         cos, sin = cos.reshape(B, self.head_dim).contiguous(), sin.reshape(B, self.head_dim).contiguous()
-        for i, layer in enumerate(base.model.layers):
-            x = layer_step(i, layer, x, cos, sin, col)
+        if self._use_kernels and self._fused is not None:
+            x = x.contiguous()
+            self.kernels.layers(x, self._fused, self.k, self.v, self._scratch(B), self.valid, cos, sin, self.n_heads,
+                                col, base.model.layers[0].input_layernorm.variance_epsilon, self.scale)
+        else:
+            for i, layer in enumerate(base.model.layers):
+                x = layer_step(i, layer, x, cos, sin, col)
         self.length = col + 1
         self.next_pos = self.next_pos + 1
         norm = base.model.norm
         h = self.kernels.rmsnorm(x, norm.weight, norm.variance_epsilon) if self._use_kernels else rms_norm(x, norm)
         return self._linear(h, base.lm_head)
+
+    def _scratch(self, B: int) -> dict[str, torch.Tensor]:
+        """Intermediate buffers of the fused layer call, for batch size ``B``."""
+        if self._buffers.get("h") is None or self._buffers["h"].shape[0] != B:
+            mlp, dt, q = self.base.model.layers[0].mlp, self.k[0].dtype, self.n_heads * self.head_dim
+            kv, inter = self.n_kv * self.head_dim, mlp.gate_proj.weight.shape[0]
+            shapes = {"h": mlp.down_proj.weight.shape[0], "q": q, "a": q, "k": kv, "v": kv, "g": inter, "u": inter}
+            self._buffers = {n: torch.empty((B, w), dtype=dt) for n, w in shapes.items()}
+        return self._buffers
 
     def _layer_c(self, i: int, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, col: int) -> torch.Tensor:
         K, attn, mlp = self.kernels, layer.self_attn, layer.mlp

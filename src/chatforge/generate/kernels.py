@@ -60,6 +60,7 @@ static inline bf16 f2bf(float f) {  /* round to nearest even, as torch does */
 #define ST_bf16(x) f2bf(x)
 #define RND_bf16(x) bf2f(f2bf(x))
 
+#define LAYER_PTRS 16  /* per layer: in-norm, q w/b, k w/b, v w/b, o w/b, post-norm, gate w/b, up w/b, down w/b */
 #define TN 4  /* weight rows per tile */
 #define TB 4  /* batch rows per tile */
 
@@ -209,6 +210,30 @@ void attention_##S(const T* q, const T* Kc, const T* Vc, const uint8_t* valid, T
 /* out = T(silu(g)) * u, as `F.silu(g) * u` */                                                              \
 void silu_mul_##S(const T* g, const T* u, T* out, int64_t n) {                                              \
   for (int64_t i = 0; i < n; i++) { float x = LD_##S(g[i]); out[i] = ST_##S(RND_##S(x / (1.0f + expf(-x))) * LD_##S(u[i])); } \
+}                                                                                                           \
+/* Every decoder layer of one decode step, the same calls in the same order as the per-op path        \
+   (so the same bits), without returning to Python between them. x [B, H] is updated in place.         \
+   w: LAYER_PTRS pointers per layer (see kernels.Kernels.layers); scratch: h [B,H], q and a [B,nH*hd],    \
+   k and v [B,nKV*hd], g and u [B,I]. */                                                                 \
+void layers_##S(T* x, const T* const* w, T* const* Kc, T* const* Vc, int64_t L, T* h, T* q, T* k, T* v,    \
+                T* a, T* g, T* u, const uint8_t* valid, const T* cos, const T* sin, int64_t B, int64_t H,   \
+                int64_t nH, int64_t nKV, int64_t hd, int64_t I, int64_t Tmax, int64_t col, float eps,        \
+                float scale) {                                                                              \
+  for (int64_t l = 0; l < L; l++) {                                                                         \
+    const T* const* p = w + LAYER_PTRS * l;                                                                 \
+    rmsnorm_##S(x, p[0], h, B, H, eps);                                                                     \
+    linear_##S(h, p[1], p[2], NULL, q, B, nH * hd, H, 1.0f);                                                \
+    linear_##S(h, p[3], p[4], NULL, k, B, nKV * hd, H, 1.0f);                                               \
+    linear_##S(h, p[5], p[6], NULL, v, B, nKV * hd, H, 1.0f);                                               \
+    rope_store_##S(q, k, v, cos, sin, Kc[l], Vc[l], B, nH, nKV, hd, Tmax, col);                             \
+    attention_##S(q, Kc[l], Vc[l], valid, a, B, nH, nKV, hd, Tmax, col + 1, scale);                        \
+    linear_##S(a, p[7], p[8], x, x, B, H, nH * hd, 1.0f);  /* residual in place: element-wise, safe */      \
+    rmsnorm_##S(x, p[9], h, B, H, eps);                                                                     \
+    linear_##S(h, p[10], p[11], NULL, g, B, I, H, 1.0f);                                                    \
+    linear_##S(h, p[12], p[13], NULL, u, B, I, H, 1.0f);                                                    \
+    silu_mul_##S(g, u, g, B * I);                                                                           \
+    linear_##S(g, p[14], p[15], x, x, B, H, I, 1.0f);                                                       \
+  }                                                                                                         \
 }
 
 DEFINE_OPS(float, f32)
@@ -256,7 +281,8 @@ class Kernels:
         lib = ctypes.CDLL(str(path))
         P, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         sigs = {"linear": [P] * 5 + [I] * 3 + [F], "rmsnorm": [P] * 3 + [I] * 2 + [F],
-                "rope_store": [P] * 7 + [I] * 6, "attention": [P] * 5 + [I] * 6 + [F], "silu_mul": [P] * 3 + [I]}
+                "rope_store": [P] * 7 + [I] * 6, "attention": [P] * 5 + [I] * 6 + [F], "silu_mul": [P] * 3 + [I],
+                "layers": [P] * 4 + [I] + [P] * 10 + [I] * 8 + [F] * 2}
         self.fns = {}
         for dtype, suffix in self.DTYPES.items():
             for name, argtypes in sigs.items():
@@ -298,6 +324,35 @@ class Kernels:
         self.fns["attention", q.dtype](q.data_ptr(), kc.data_ptr(), vc.data_ptr(), valid.data_ptr(), out.data_ptr(),
                                        B, q.shape[1] // hd, n_kv, hd, T, length, scale)
         return out
+
+    LAYER_PTRS = 16
+
+    def layer_pointers(self, layers) -> ctypes.Array:
+        """The weight pointers :meth:`layers` reads, ``LAYER_PTRS`` per Llama decoder layer
+        (biases None when absent). Taken at each prefill: in-place training updates keep them."""
+        ptrs = []
+        for layer in layers:
+            a, m = layer.self_attn, layer.mlp
+            for mod in (layer.input_layernorm, a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.post_attention_layernorm,
+                        m.gate_proj, m.up_proj, m.down_proj):
+                ptrs.append(mod.weight.data_ptr())
+                if isinstance(mod, torch.nn.Linear):
+                    ptrs.append(mod.bias.data_ptr() if mod.bias is not None else None)
+        return (ctypes.c_void_p * len(ptrs))(*ptrs)
+
+    def layers(self, x: torch.Tensor, weights: ctypes.Array, kc: list[torch.Tensor], vc: list[torch.Tensor],
+               scratch: dict[str, torch.Tensor], valid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               n_heads: int, col: int, eps: float, scale: float) -> None:
+        """All decoder layers of one step on ``x`` [B, H] in place (see ``layers_*`` in the C source)."""
+        B, H = x.shape
+        _, n_kv, T, hd = kc[0].shape
+        kp = (ctypes.c_void_p * len(kc))(*[t.data_ptr() for t in kc])
+        vp = (ctypes.c_void_p * len(vc))(*[t.data_ptr() for t in vc])
+        s = scratch
+        self.fns["layers", x.dtype](x.data_ptr(), weights, kp, vp, len(kc), s["h"].data_ptr(), s["q"].data_ptr(),
+                                    s["k"].data_ptr(), s["v"].data_ptr(), s["a"].data_ptr(), s["g"].data_ptr(),
+                                    s["u"].data_ptr(), valid.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, H,
+                                    n_heads, n_kv, hd, s["g"].shape[1], T, col, eps, scale)
 
     def silu_mul(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         out = torch.empty(g.shape, dtype=g.dtype)

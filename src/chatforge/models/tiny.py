@@ -74,7 +74,8 @@ def tiny_tokenizer(vocab_size: int = 512):
 
 
 def tiny_config(vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                max_positions: int = 2048):
+                max_positions: int = 2048, **extra):
+    """``extra``: any other ``LlamaConfig`` field (e.g. ``attention_bias=True``)."""
     from transformers import LlamaConfig
 
     tok = tiny_tokenizer(vocab_size)
@@ -90,6 +91,7 @@ def tiny_config(vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads:
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=True,
+        **extra,
     )
 
 
