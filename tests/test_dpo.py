@@ -106,9 +106,9 @@ def test_rankings_expand_and_bad_pairs_are_reported():
     assert [(x.chosen["content"], x.rejected["content"]) for x in pairs] == [
         ("good", "ok"), ("good", "bad"), ("ok", "bad"), ("good", "bad")]
     assert report.records == 5
-    assert report.skipped == {"identical chosen and rejected": 1, "empty response": 1,
-                              "prompt record (DPO needs preference or ranking data)": 1}
-    assert report.first[0] == "p.jsonl:2: identical chosen and rejected"
+    assert report.skipped == {"identical responses (a tie)": 1, "empty response": 1,
+                              "prompt record (needs preference or ranking data)": 1}
+    assert report.first[0] == "p.jsonl:2: identical responses (a tie)"
 
 
 # ---------------------------------------------------------------- log-probs and the reference
@@ -363,11 +363,11 @@ def test_bad_records_are_reported_and_skipped(prefs, capsys):
     (prefs / "mixed.jsonl").write_text("\n".join(lines) + "\n")
     train(tiny_cfg(prefs, data=[str(prefs / "mixed.jsonl")], max_steps=2, kl_prompts=0))
     summary = json.loads((prefs / "run" / "summary.json").read_text())
-    assert summary["data"]["skipped"] == {"identical chosen and rejected": 1, "empty response": 1}
+    assert summary["data"]["skipped"] == {"identical responses (a tie)": 1, "empty response": 1}
     assert summary["data"]["read_errors"] == 1
     assert summary["train_pairs"] == 40 + 3  # the ranking's three pairs
     out = capsys.readouterr().out
-    assert "identical chosen and rejected" in out and "mixed.jsonl:42" in out
+    assert "identical responses (a tie)" in out and "mixed.jsonl:42" in out
     (prefs / "useless.jsonl").write_text(json.dumps(same) + "\n" + json.dumps(empty) + "\n")
     with pytest.raises(DataError, match="no usable preference pairs"):
         train(tiny_cfg(prefs, data=[str(prefs / "useless.jsonl")], out=str(prefs / "run2")))

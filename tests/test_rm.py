@@ -114,7 +114,7 @@ def test_ties_refused_and_bad_records_reported():
     assert len(groups[1].ids) == 2
     assert rep.skipped == {"identical responses (a tie)": 2, "empty response": 1, "tied ranks (refused)": 1,
                            "empty response dropped from a ranking (kept)": 1,
-                           "conversation record (a reward model needs preferences or rankings)": 1}
+                           "conversation record (needs preference or ranking data)": 1}
     assert rep.first[0] == "t.jsonl:2: identical responses (a tie)"
     assert "t.jsonl:4: tied ranks (refused)" in rep.first
     assert rep.records == 7 and rep.groups == 2

@@ -60,14 +60,15 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.config import check_range
-from chatforge.data.records import Preference, Ranking, prompt_of
+from chatforge.data.prefs import SkipReport, ordered_responses, where_of
+from chatforge.data.records import Preference, prompt_of
 from chatforge.errors import ConfigError, DataError
 from chatforge.runs import Run, plot_curves
 from chatforge.train import core
@@ -179,60 +180,29 @@ class PairExample:
 
 
 @dataclass
-class DataReport:
-    """What happened to the input: counts per reason, and the first few skipped items."""
+class DataReport(SkipReport):
+    """What happened to the input; usable items are preference pairs."""
 
-    records: int = 0
     pairs: int = 0
-    read_errors: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    first: list[str] = field(default_factory=list)
-
-    def skip(self, reason: str, where: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        if len(self.first) < 5:
-            self.first.append(f"{where}: {reason}")
-
-    def lines(self) -> list[str]:
-        out = [f"{self.records} records -> {self.pairs} usable pairs"
-               + (f", {self.read_errors} unreadable records" if self.read_errors else "")]
-        if self.skipped:
-            out.append("skipped pairs: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())))
-        out += ["  " + s for s in self.first]
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"records": self.records, "pairs": self.pairs, "read_errors": self.read_errors,
-                "skipped": dict(self.skipped)}
-
-
-def where_of(meta: dict[str, Any]) -> str:
-    src = meta.get("source", "?")
-    return f"{src}:{meta['line']}" if meta.get("line") is not None else str(src)
+    unit: ClassVar[str] = "pairs"
 
 
 def expand_pairs(records: list, report: DataReport) -> list[Preference]:
-    """Preferences as they are, rankings as their K(K-1)/2 pairs; other kinds, empty and
-    identical pairs are reported and dropped."""
+    """Preferences as they are, rankings as their K(K-1)/2 pairs (best first); records the
+    reward model would refuse (other kinds, empty or tied responses) are reported and
+    dropped by the same rule (:func:`chatforge.data.prefs.ordered_responses`)."""
     pairs: list[Preference] = []
     for rec in records:
         report.records += 1
-        where = where_of(rec.meta)
-        if isinstance(rec, Ranking):
-            cands = rec.pairs()
-        elif isinstance(rec, Preference):
-            cands = [rec]
-        else:
-            report.skip(f"{rec.kind} record (DPO needs preference or ranking data)", where)
+        texts = ordered_responses(rec, report)
+        if texts is None:
             continue
-        for p in cands:
-            c, r = p.chosen["content"], p.rejected["content"]
-            if not c.strip() or not r.strip():
-                report.skip("empty response", where)
-            elif c.strip() == r.strip():
-                report.skip("identical chosen and rejected", where)
-            else:
-                pairs.append(p)
+        if isinstance(rec, Preference):
+            pairs.append(rec)
+            continue
+        pairs += [Preference(rec.prompt, {"role": "assistant", "content": texts[i]},
+                             {"role": "assistant", "content": texts[j]}, dict(rec.meta, pair=[i, j]))
+                  for i in range(len(texts)) for j in range(i + 1, len(texts))]
     return pairs
 
 

@@ -46,15 +46,16 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from chatforge.config import check_range
-from chatforge.data.records import Preference, Ranking, write_jsonl
+from chatforge.data.prefs import SkipReport, ordered_responses, where_of
+from chatforge.data.records import write_jsonl
 from chatforge.errors import ConfigError, DataError
 from chatforge.runs import Run
 from chatforge.train import core
@@ -227,66 +228,11 @@ class Group:
 
 
 @dataclass
-class DataReport:
-    """Counts per reason for everything not trained on, and the first few cases."""
+class DataReport(SkipReport):
+    """What happened to the input; usable items are response groups (one per record)."""
 
-    records: int = 0
     groups: int = 0
-    read_errors: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    first: list[str] = field(default_factory=list)
-
-    def skip(self, reason: str, where: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        if len(self.first) < 5:
-            self.first.append(f"{where}: {reason}")
-
-    def lines(self) -> list[str]:
-        out = [f"{self.records} records -> {self.groups} usable"
-               + (f", {self.read_errors} unreadable items" if self.read_errors else "")]
-        if self.skipped:
-            out.append("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())))
-        out += ["  " + s for s in self.first]
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"records": self.records, "groups": self.groups, "read_errors": self.read_errors,
-                "skipped": dict(self.skipped), "first": list(self.first)}
-
-
-def where_of(meta: dict[str, Any]) -> str:
-    src = meta.get("source", "?")
-    return f"{src}:{meta['line']}" if meta.get("line") is not None else str(src)
-
-
-def ordered_responses(rec: Any, report: DataReport) -> list[str] | None:
-    """The texts of a record best -> worst, or None (reported) when it cannot be used.
-
-    Empty responses are dropped (a ranking survives with >= 2 left); identical responses are
-    a tie and a ranking with tied ranks is refused -- neither says which is better.
-    """
-    where = where_of(rec.meta)
-    if isinstance(rec, Preference):
-        texts = [rec.chosen["content"], rec.rejected["content"]]
-    elif isinstance(rec, Ranking):
-        ranks = rec.meta.get("ranking")
-        if isinstance(ranks, list) and len(set(map(str, ranks))) < len(ranks):
-            report.skip("tied ranks (refused)", where)
-            return None
-        texts = [r["content"] for r in rec.responses]
-    else:
-        report.skip(f"{rec.kind} record (a reward model needs preferences or rankings)", where)
-        return None
-    kept = [t for t in texts if t.strip()]
-    if len(kept) < 2:
-        report.skip("empty response", where)
-        return None
-    if len(kept) < len(texts):  # the rest of the ranking still says which is better
-        report.skip("empty response dropped from a ranking (kept)", where)
-    if len({t.strip() for t in kept}) < len(kept):
-        report.skip("identical responses (a tie)", where)
-        return None
-    return kept
+    unit: ClassVar[str] = "groups"
 
 
 def build_groups(records: Sequence[Any], indices: Sequence[int], tokenizer, max_len: int, template: str,
