@@ -237,6 +237,10 @@ def test_lora_save_load_merge_round_trip(tmp_path):
     assert main(["export", str(run), "--merge-lora", "-o", str(out)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert torch.allclose(logits(merged), ours, atol=1e-4)
+    # merged on load (how RM / DPO / PPO start from a LoRA SFT run): a plain model, every weight
+    # trainable -- a full fine-tune on it must not silently train only a new head
+    m = load_model(str(run), merge_adapter=True)
+    assert all(p.requires_grad for p in m.parameters()) and torch.allclose(logits(m), ours, atol=1e-4)
     tok = AutoTokenizer.from_pretrained(out)
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")

@@ -228,6 +228,9 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "fp32", devic
         model = PeftModel.from_pretrained(base, r.path, is_trainable=trainable_adapter)
         if merge_adapter:
             model = model.merge_and_unload()
+            # peft froze the base weights for the adapter; merged, this is a plain model again and
+            # must train like one (a full-fine-tune RM on a LoRA SFT run trained only its head)
+            model.requires_grad_(True)
     elif r.kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(r.path, gguf_file=r.gguf_file, dtype=td)
         _detach_gguf_quantizer(model)
