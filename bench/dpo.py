@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _sides import run_side, step_bench_main
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
 
@@ -133,9 +131,9 @@ def run_trl(args, workdir: Path) -> dict:
     if args.lora:
         from peft import LoraConfig
 
-        from chatforge.models.lora import DEFAULT_TARGETS
+        from chatforge.models.lora import DEFAULT_TARGETS, LoraSettings
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=DEFAULT_TARGETS,
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=LoraSettings().dropout, target_modules=DEFAULT_TARGETS,
                                  task_type="CAUSAL_LM")
     t0 = time.perf_counter()
     trainer = DPOTrainer(model=path, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config)
@@ -147,64 +145,14 @@ def run_trl(args, workdir: Path) -> dict:
 
 # ---------------------------------------------------------------- report (parent)
 def child(side: str, args, workdir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--workdir", str(workdir), "--steps", str(args.steps),
+    cmd = [__file__, "--child", side, "--workdir", str(workdir), "--steps", str(args.steps),
            "--batch", str(args.batch), "--max-len", str(args.max_len), "--lr", str(args.lr)]
     cmd += ["--lora"] * args.lora + ["--grad-ckpt"] * args.grad_ckpt
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        sys.stderr.write(out.stderr[-4000:])
-        return {"error": f"exit {out.returncode}"}
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-def steady(times: list[float]) -> tuple[float, float]:
-    """(median, mean) step time without the first step (allocator / autocast warm-up)."""
-    t = times[1:] if len(times) > 1 else times
-    return statistics.median(t), statistics.fmean(t)
+    return run_side(cmd, args.threads)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        fn = run_chatforge if args.child == "chatforge" else run_trl
-        print("RESULT " + json.dumps(fn(args, Path(args.workdir))), flush=True)
-        return 0
-    if not Path(args.data).exists():
-        print(f"no data at {args.data}; nothing to benchmark")
-        return 0
-    with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
-        workdir = Path(tmp)
-        info = prepare_data(args, workdir)
-        sides = ["chatforge", "trl"] if args.side == "both" else [args.side]
-        res = {s: child(s, args, workdir) for s in sides}
-    mode = "LoRA r=16" if args.lora else "full fine-tuning"
-    print(f"\nDPO, SmolLM2-135M, {mode}, bf16 autocast, grad ckpt {'on' if args.grad_ckpt else 'off'}, "
-          f"{args.steps} steps x {args.batch} pairs, max_len {args.max_len}, "
-          f"{info['pairs']} hh-rlhf pairs (mean {info['mean_seq_len']:.0f} tokens/sequence), {os.cpu_count()} CPU cores, "
-          f"{args.threads or 'default'} threads")
-    print(f"{'':28}" + "".join(f"{s:>14}" for s in sides))
-    table = {}
-    for s in sides:
-        r = res[s]
-        if "error" in r:
-            table[s] = {"step median (s)": r["error"]}
-            continue
-        med, mean = steady(r["step_times"])
-        table[s] = {"step median (s)": f"{med:.3f}", "step mean (s)": f"{mean:.3f}",
-                    "pairs / s": f"{args.batch / mean:.2f}",
-                    "reference pass (s)": "-" if r["reference_s"] is None else f"{r['reference_s']:.1f}",
-                    "total wall (s)": f"{r['total_s']:.1f}", "peak RSS (MiB)": f"{r['peak_rss_mb']:.0f}"}
-    for key in dict.fromkeys(k for s in sides for k in table[s]):
-        print(f"{key:28}" + "".join(f"{table[s].get(key, ''):>14}" for s in sides))
-    if len(sides) == 2 and all("error" not in res[s] for s in sides):
-        cf, trl = steady(res["chatforge"]["step_times"])[1], steady(res["trl"]["step_times"])[1]
-        print(f"{'speed-up (step mean)':28}{trl / cf:>13.2f}x  (goal >= 1.5x)")
-        print(f"{'RSS ratio (TRL / ours)':28}{res['trl']['peak_rss_mb'] / res['chatforge']['peak_rss_mb']:>13.2f}x")
-    return 0
+    return step_bench_main(parse_args(argv), "dpo", "DPO", prepare_data, run_chatforge, run_trl, child, extra_rows=lambda r: {"reference pass (s)": "-" if r["reference_s"] is None else f"{r['reference_s']:.1f}"}, goal="goal >= 1.5x")
 
 
 if __name__ == "__main__":

@@ -35,11 +35,12 @@ import json
 import os
 import re
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _sides import report_result, run_side
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
 TRL_PYTHON = os.environ.get("TRL_PYTHON", "/work/venvs/trl112/bin/python")
@@ -105,14 +106,8 @@ def prepare(args, workdir: Path) -> dict:
 
 
 def run_child(python: str, side: str, spec_path: Path) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), "--child", side, "--spec", str(spec_path)]
-    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode != 0 or not lines:
-        sys.stderr.write(p.stdout[-3000:] + p.stderr[-6000:])
-        return {"error": f"{side} failed (exit {p.returncode})"}
-    return json.loads(lines[-1][len("RESULT "):])
+    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    return run_side([str(Path(__file__).resolve()), "--child", side, "--spec", str(spec_path)], python=python)
 
 
 def main(argv=None) -> int:
@@ -121,7 +116,7 @@ def main(argv=None) -> int:
         spec = json.loads(Path(args.spec).read_text())
         res = child_chatforge(spec) if args.child == "chatforge" else child_trl(spec)
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print("RESULT " + json.dumps(res), flush=True)
+        report_result(res)
         return 0
     layouts = ["lora", "full"] if args.layout == "both" else [args.layout]
     sides = ["chatforge", "trl"] if args.side == "both" else [args.side]
@@ -224,7 +219,7 @@ def child_trl(spec: dict) -> dict:
     if lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS,
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,  # = chatforge default
                                  task_type="CAUSAL_LM")
     args = PPOConfig(
         output_dir=str(Path(spec["workdir"]) / f"trl-{spec['layout']}"), per_device_train_batch_size=spec["batch"],

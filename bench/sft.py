@@ -36,11 +36,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _sides import print_columns, report_result, run_side
 
 MALAY = Path(__file__).resolve().parents[2] / "shared" / "data" / "mychatgpt" / "stanford" / "malay.json"
 
@@ -202,9 +203,9 @@ def run_trl(args, workdir: Path) -> dict:
     if args.lora:
         from peft import LoraConfig
 
-        from chatforge.models.lora import DEFAULT_TARGETS
+        from chatforge.models.lora import DEFAULT_TARGETS, LoraSettings
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=DEFAULT_TARGETS,
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=LoraSettings().dropout, target_modules=DEFAULT_TARGETS,
                                  task_type="CAUSAL_LM")
     t0 = time.perf_counter()
     trainer = SFTTrainer(model=path, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config)
@@ -245,19 +246,11 @@ def run_profile(args, workdir: Path) -> dict:
 
 # ---------------------------------------------------------------- report (parent)
 def child(side: str, args, workdir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--workdir", str(workdir), "--steps", str(args.steps),
+    cmd = [__file__, "--child", side, "--workdir", str(workdir), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-len", str(args.max_len),
            "--lr", str(args.lr), "--trl-packing", args.trl_packing, "--threads", str(args.threads)]
     cmd += ["--lora"] * args.lora + (["--variant", *args.variant] if args.variant else [])
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        sys.stderr.write(out.stderr[-4000:])
-        return {"error": f"exit {out.returncode}"}
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_side(cmd, args.threads)
 
 
 def steady(r: dict, warmup: int) -> tuple[float, float, float]:
@@ -275,7 +268,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.child:
         fn = {"chatforge": run_chatforge, "trl": run_trl, "profile": run_profile}[args.child]
-        print("RESULT " + json.dumps(fn(args, Path(args.workdir))), flush=True)
+        report_result(fn(args, Path(args.workdir)))
         return 0
     peak, peak_cpu = bf16_matmul_peak()
     shape = model_shape()
@@ -296,7 +289,6 @@ def main(argv=None) -> int:
 
     print(f"bf16 matmul peak here: {peak:.0f} GFLOP/s with {torch.get_num_threads()} threads, "
           f"{peak_cpu:.0f} GFLOP per CPU-second")
-    print(f"{'':26}" + "".join(f"{s:>14}" for s in sides))
     table, tps, tpc = {}, {}, {}
     fpt = flops_per_token(shape, args.max_len)
     # LoRA skips the frozen weights' gradient matmuls: 4N instead of 6N (approximately)
@@ -316,8 +308,7 @@ def main(argv=None) -> int:
         hfu = flops_per_token(shape, args.max_len, info["label_share"]) * (4 / 6 if args.lora else 1)
         table["chatforge"]["HFU (executed)"] = f"{tps['chatforge'] * hfu / 1e9 / peak:.0%}"
         table["chatforge"]["HFU per CPU-s"] = f"{tpc['chatforge'] * hfu / 1e9 / peak_cpu:.0%}"
-    for key in dict.fromkeys(k for s in sides for k in table[s]):
-        print(f"{key:26}" + "".join(f"{table[s].get(key, ''):>14}" for s in sides))
+    print_columns(table, width=26)
     if len(tps) == 2:
         print(f"{'speed-up (tokens/s)':26}{tps['chatforge'] / tps['trl']:>13.2f}x  (goal >= 1.5x)")
         print(f"{'speed-up (tokens/CPU-s)':26}{tpc['chatforge'] / tpc['trl']:>13.2f}x")
