@@ -161,7 +161,9 @@ def test_chat_bad_options_are_one_line_errors(tmp_path):
 # ---------------------------------------------------------------- the REPL in a pseudo-terminal
 def test_repl_in_a_terminal(chatty_dir, tmp_path):
     pexpect = pytest.importorskip("pexpect")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
+    # CHATFORGE_KERNELS=0: PyTorch decoding. With the C kernels the micro model writes its 1900-token
+    # "long story" in well under a second, before the Ctrl-C below could interrupt it.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "CHATFORGE_KERNELS": "0"}
     child = pexpect.spawn(sys.executable, ["-m", "chatforge.cli", "chat", str(chatty_dir), "--max-tokens", "8"],
                           cwd=str(REPO), env=env, encoding="utf-8", timeout=300)
     try:
