@@ -293,18 +293,10 @@ def test_lora_dpo_on_an_adapter_policy_keeps_the_sft_adapter(prefs):
     """DPO from a LoRA SFT run: checkpoints name the SFT run as their base and ``model/`` is
     merged, so neither loads as the raw base model without the SFT behaviour."""
     from chatforge.models.load import load, resolve
-    from chatforge.models.lora import LoraSettings, apply_lora
-    from chatforge.models.tiny import tiny_model, tiny_tokenizer
+    from chatforge.models.tiny import tiny_lora_run
     from chatforge.train.dpo import train
 
-    sft = apply_lora(tiny_model(), LoraSettings(r=4))
-    with torch.no_grad():
-        for n, p in sft.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)  # an SFT adapter that changed the model
-    sft.peft_config["default"].base_model_name_or_path = "tiny"
-    sft.save_pretrained(prefs / "sft")
-    tiny_tokenizer().save_pretrained(prefs / "sft")
+    tiny_lora_run(prefs / "sft")
     out = train(tiny_cfg(prefs, model=str(prefs / "sft"), lora=True, max_steps=2, eval_every=2, save_every=2,
                          kl_prompts=1, kl_max_new_tokens=2))
     assert resolve(out).kind == "hf"

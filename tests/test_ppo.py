@@ -455,18 +455,10 @@ def test_cli_ppo_end_to_end_and_errors(tmp_path, capsys):
 
 def test_lora_ppo_on_an_adapter_policy_publishes_a_loadable_merged_model(tmp_path):
     from chatforge.models.load import load, resolve
-    from chatforge.models.lora import LoraSettings, apply_lora
-    from chatforge.models.tiny import tiny_model, tiny_tokenizer
+    from chatforge.models.tiny import tiny_lora_run
     from chatforge.train.ppo import train
 
-    sft = apply_lora(tiny_model(), LoraSettings(r=4))
-    with torch.no_grad():
-        for n, p in sft.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)  # an SFT adapter that changed the model
-    sft.peft_config["default"].base_model_name_or_path = "tiny"
-    sft.save_pretrained(tmp_path / "sft")
-    tiny_tokenizer().save_pretrained(tmp_path / "sft")
+    tiny_lora_run(tmp_path / "sft")
     cfg = _cfg(tmp_path, "ppo", f"model={tmp_path / 'sft'}", "lora=true", "max_steps=1", "rollout_batch=2",
                "response_len=4", "ppo_epochs=1")
     out = train(cfg)

@@ -105,3 +105,19 @@ def tiny_model(seed: int = 0, **config_kw):
         model = LlamaForCausalLM(cfg)
     model.generation_config = GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
     return model
+
+
+def tiny_lora_run(path, r: int = 4, std: float = 0.05):
+    """A saved LoRA adapter on the tiny model whose update is not zero (an "SFT run" for tests of
+    trainers that start from an adapter); returns ``path``."""
+    from chatforge.models.lora import LoraSettings, apply_lora
+
+    model = apply_lora(tiny_model(), LoraSettings(r=r))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, std)
+    model.peft_config["default"].base_model_name_or_path = "tiny"
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
