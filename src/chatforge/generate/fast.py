@@ -163,6 +163,7 @@ class FastLlamaDecoder:
         plain = self.base is self.model and all(not hasattr(m, "base_layer") for m in self.base.modules())
         self._fused = self.kernels.layer_pointers(self.base.model.layers) if self._kernels_ok and plain else None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._kv_ptrs: tuple = (None,)
         return out.logits[:, -1]
 
     # -------------------------------------------------------------- one token
@@ -185,8 +186,10 @@ class FastLlamaDecoder:
         cos, sin = cos.reshape(B, self.head_dim).contiguous(), sin.reshape(B, self.head_dim).contiguous()
         if self._use_kernels and self._fused is not None:
             x = x.contiguous()
-            self.kernels.layers(x, self._fused, self.k, self.v, self._scratch(B), self.valid, cos, sin, self.n_heads,
-                                col, base.model.layers[0].input_layernorm.variance_epsilon, self.scale)
+            if self._kv_ptrs[0] is not self.k:  # new caches (prefill, keep): their pointers once, not per token
+                self._kv_ptrs = (self.k, self.kernels.pointers(self.k), self.kernels.pointers(self.v))
+            self.kernels.layers(x, self._fused, self.k, *self._kv_ptrs[1:], self._scratch(B), self.valid, cos, sin,
+                                self.n_heads, col, base.model.layers[0].input_layernorm.variance_epsilon, self.scale)
         else:
             for i, layer in enumerate(base.model.layers):
                 x = layer_step(i, layer, x, cos, sin, col)

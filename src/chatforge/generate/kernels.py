@@ -325,29 +325,32 @@ class Kernels:
                                        B, q.shape[1] // hd, n_kv, hd, T, length, scale)
         return out
 
-    LAYER_PTRS = 16
+    LAYER_PTRS = 16  # as in the C source
+
+    @staticmethod
+    def pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:
+        """A C array of the tensors' data pointers (NULL for None)."""
+        return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
     def layer_pointers(self, layers) -> ctypes.Array:
         """The weight pointers :meth:`layers` reads, ``LAYER_PTRS`` per Llama decoder layer
         (biases None when absent). Taken at each prefill: in-place training updates keep them."""
-        ptrs = []
+        tensors = []
         for layer in layers:
             a, m = layer.self_attn, layer.mlp
             for mod in (layer.input_layernorm, a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.post_attention_layernorm,
                         m.gate_proj, m.up_proj, m.down_proj):
-                ptrs.append(mod.weight.data_ptr())
-                if isinstance(mod, torch.nn.Linear):
-                    ptrs.append(mod.bias.data_ptr() if mod.bias is not None else None)
-        return (ctypes.c_void_p * len(ptrs))(*ptrs)
+                tensors += [mod.weight, mod.bias] if isinstance(mod, torch.nn.Linear) else [mod.weight]
+        assert len(tensors) == self.LAYER_PTRS * len(layers)
+        return self.pointers(tensors)
 
-    def layers(self, x: torch.Tensor, weights: ctypes.Array, kc: list[torch.Tensor], vc: list[torch.Tensor],
-               scratch: dict[str, torch.Tensor], valid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               n_heads: int, col: int, eps: float, scale: float) -> None:
-        """All decoder layers of one step on ``x`` [B, H] in place (see ``layers_*`` in the C source)."""
+    def layers(self, x: torch.Tensor, weights: ctypes.Array, kc: list[torch.Tensor], kp: ctypes.Array,
+               vp: ctypes.Array, scratch: dict[str, torch.Tensor], valid: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, n_heads: int, col: int, eps: float, scale: float) -> None:
+        """All decoder layers of one step on ``x`` [B, H] in place (see ``layers_*`` in the C source).
+        ``kp`` / ``vp``: :meth:`pointers` of the per-layer K / V caches ``kc`` / its twin."""
         B, H = x.shape
         _, n_kv, T, hd = kc[0].shape
-        kp = (ctypes.c_void_p * len(kc))(*[t.data_ptr() for t in kc])
-        vp = (ctypes.c_void_p * len(vc))(*[t.data_ptr() for t in vc])
         s = scratch
         self.fns["layers", x.dtype](x.data_ptr(), weights, kp, vp, len(kc), s["h"].data_ptr(), s["q"].data_ptr(),
                                     s["k"].data_ptr(), s["v"].data_ptr(), s["a"].data_ptr(), s["g"].data_ptr(),
