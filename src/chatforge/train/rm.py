@@ -309,18 +309,18 @@ def load_data(cfg: RMConfig, tokenizer, run: Run | None = None, log=print
         raise ConfigError("data: give at least one preference or ranking file")
     report = DataReport()
     records = read_records(cfg.data, cfg.format, report, log)
+    split_seed = cfg.seed if cfg.split_seed < 0 else cfg.split_seed
     if cfg.eval_data:
         train_idx, held_idx = list(range(len(records))), []
         eval_records = read_records(cfg.eval_data, cfg.format, report, log)
         eval_src = list(cfg.eval_data)
     else:
-        split_seed = cfg.seed if cfg.split_seed < 0 else cfg.split_seed
         train_idx, held_idx = split_indices(len(records), cfg.eval_fraction, split_seed)
         eval_records, eval_src = records, list(cfg.data)
     if run is not None and run.is_main:
         heldout = [eval_records[i] for i in held_idx] if not cfg.eval_data else eval_records
         run.write_json("split.json", {"data": list(cfg.data), "eval_data": list(cfg.eval_data),
-                                      "seed": cfg.seed if cfg.split_seed < 0 else cfg.split_seed,
+                                      "seed": split_seed,
                                       "eval_fraction": cfg.eval_fraction,
                                       "records": len(records), "heldout": held_idx,
                                       "note": "indices into the records of `data` as read, in file order"})
