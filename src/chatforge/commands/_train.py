@@ -25,14 +25,13 @@ def build_train_config(cls: type, section: str, args: Any, flags: dict[str, Any]
     from chatforge.config import deep_merge, load_config, parse_overrides, read_yaml
 
     over = deep_merge(parse_overrides(overrides), {k: v for k, v in flags.items() if v is not None})
-    recipe, sec = args.config, None
-    if recipe is not None:
-        sec = section if isinstance(read_yaml(recipe).get(section), dict) else None
+    recipe = args.config
+    r = read_yaml(recipe) if recipe is not None else {}
+    sec = section if isinstance(r.get(section), dict) else None
     base = None
     if args.resume:  # continue with the config the run was started with
         out = over.get("out")
         if out is None and recipe is not None:
-            r = read_yaml(recipe)
             out = (r.get(sec) or {}).get("out") if sec else r.get("out")
         saved = Path(str(out or "runs/run")) / "config.yaml"
         if saved.is_file():
