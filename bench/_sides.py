@@ -14,9 +14,11 @@ import sys
 from typing import Any
 
 
-def run_side(cmd: list[str], threads: int = 0, python: str | None = None) -> dict[str, Any]:
-    """Run ``[python] + cmd``; its ``RESULT`` json, or ``{"error": ...}`` (stderr tail shown)."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+def run_side(cmd: list[str], threads: int = 0, python: str | None = None,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``[python] + cmd`` (``env``: extra variables); its ``RESULT`` json, or
+    ``{"error": ...}`` (stderr tail shown)."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {}))
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     out = subprocess.run([python or sys.executable, *cmd], capture_output=True, text=True, env=env)

@@ -106,8 +106,8 @@ def prepare(args, workdir: Path) -> dict:
 
 
 def run_child(python: str, side: str, spec_path: Path) -> dict:
-    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
-    return run_side([str(Path(__file__).resolve()), "--child", side, "--spec", str(spec_path)], python=python)
+    return run_side([str(Path(__file__).resolve()), "--child", side, "--spec", str(spec_path)], python=python,
+                    env={"TRL_EXPERIMENTAL_SILENCE": "1"})
 
 
 def main(argv=None) -> int:
