@@ -75,6 +75,8 @@ def test_recipe_errors_fail_before_any_stage(tmp_path):
         stage_config(recipe, "ppo", root, **inputs["ppo"])
     assert main(["pipeline", str(TINY), f"out={tmp_path / 'x'}", "stages=[sft,nope]"]) == 2
     assert main(["pipeline", str(tmp_path / "missing.yaml")]) == 2
+    with pytest.raises(ConfigError, match=r"eval.max_checkpoints=-1 is out of range"):
+        load_recipe(TINY, [f"out={tmp_path}", "eval.max_checkpoints=-1"])
     assert not (tmp_path / "x" / "sft").exists()
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from chatforge.config import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml
+from chatforge.config import ConfigError, check_range, deep_merge, from_dict, parse_overrides, read_yaml
 
 STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval")
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
@@ -70,6 +70,12 @@ class EvalSpec:
     max_checkpoints: int = 0        # per run, evenly spaced, the last always; 0 = every checkpoint
     judge_url: str | None = None
     judge_model: str | None = None
+
+    def validate(self) -> None:
+        check_range("eval.max_prompts", self.max_prompts, 1, None)
+        check_range("eval.max_new_tokens", self.max_new_tokens, 1, None)
+        check_range("eval.temperature", self.temperature, 0, None)
+        check_range("eval.max_checkpoints", self.max_checkpoints, 0, None)
 
 
 @dataclass
