@@ -188,7 +188,7 @@ def test_repl_in_a_terminal(chatty_dir, tmp_path):
         ask("/set temperature=1 max_tokens=1900")
         child.sendline("Tell me a very long story")
         child.expect_exact("Tell me a very long story")
-        time.sleep(1.0)
+        child.expect(r"\r?\n[^\r\n>]", timeout=180)  # the reply has started streaming: interrupt it now
         child.sendintr()
         child.expect_exact("[interrupted]", timeout=180)
         child.expect_exact(">>> ")
