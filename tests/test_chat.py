@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -159,13 +158,24 @@ def test_chat_bad_options_are_one_line_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- the REPL in a pseudo-terminal
+def spawn_chat(pexpect, *args: str):
+    """``chatforge chat ARGS`` in a pseudo-terminal. CHATFORGE_KERNELS=0: PyTorch decoding; with the C
+    kernels the micro model writes a 1900-token reply in well under a second, before a Ctrl-C lands."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "CHATFORGE_KERNELS": "0"}
+    return pexpect.spawn(sys.executable, ["-m", "chatforge.cli", "chat", *args], cwd=str(REPO), env=env,
+                         encoding="utf-8", timeout=300)
+
+
+def interrupt_when_streaming(child) -> None:
+    """Ctrl-C as soon as the reply has started streaming (a fixed wait is a race the reply can win)."""
+    child.expect(r"\r?\n[^\r\n>]", timeout=180)
+    child.sendintr()
+    child.expect_exact("[interrupted]", timeout=180)
+
+
 def test_repl_in_a_terminal(chatty_dir, tmp_path):
     pexpect = pytest.importorskip("pexpect")
-    # CHATFORGE_KERNELS=0: PyTorch decoding. With the C kernels the micro model writes its 1900-token
-    # "long story" in well under a second, before the Ctrl-C below could interrupt it.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "CHATFORGE_KERNELS": "0"}
-    child = pexpect.spawn(sys.executable, ["-m", "chatforge.cli", "chat", str(chatty_dir), "--max-tokens", "8"],
-                          cwd=str(REPO), env=env, encoding="utf-8", timeout=300)
+    child = spawn_chat(pexpect, str(chatty_dir), "--max-tokens", "8")
     try:
         child.expect_exact(">>> ")
         child.sendline("Hello there")
@@ -188,9 +198,7 @@ def test_repl_in_a_terminal(chatty_dir, tmp_path):
         ask("/set temperature=1 max_tokens=1900")
         child.sendline("Tell me a very long story")
         child.expect_exact("Tell me a very long story")
-        child.expect(r"\r?\n[^\r\n>]", timeout=180)  # the reply has started streaming: interrupt it now
-        child.sendintr()
-        child.expect_exact("[interrupted]", timeout=180)
+        interrupt_when_streaming(child)
         child.expect_exact(">>> ")
         assert "conversation reset" in ask("/reset")
         assert "max_tokens=5" in ask("/set max_tokens=5 temperature=0")
@@ -213,18 +221,13 @@ def test_repl_in_a_terminal(chatty_dir, tmp_path):
 def test_repl_interrupted_reply_is_kept(chatty_dir, tmp_path):
     """What was shown before Ctrl-C stays in the history (the model sees what the user saw)."""
     pexpect = pytest.importorskip("pexpect")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
-    child = pexpect.spawn(sys.executable, ["-m", "chatforge.cli", "chat", str(chatty_dir), "--max-tokens", "1900",
-                                           "--system", "Be verbose."],
-                          cwd=str(REPO), env=env, encoding="utf-8", timeout=300)
+    child = spawn_chat(pexpect, str(chatty_dir), "--max-tokens", "1900", "--system", "Be verbose.")
     saved = tmp_path / "t.json"
     try:
         child.expect_exact(">>> ")
         child.sendline("Go on and on")
         child.expect_exact("Go on and on")
-        time.sleep(1.0)
-        child.sendintr()
-        child.expect_exact("[interrupted]", timeout=180)
+        interrupt_when_streaming(child)
         child.expect_exact(">>> ")
         child.sendline(f"/save {saved}")
         child.expect_exact(">>> ")

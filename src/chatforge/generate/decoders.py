@@ -34,6 +34,18 @@ def _accepts(model, name: str) -> bool:
     return name in inspect.signature(type(base).forward).parameters
 
 
+def cache_kwarg(model) -> str:
+    """The name ``forward`` takes the KV cache under: ``cache`` since transformers 5.2x,
+    ``past_key_values`` before (the old name still works there but warns on every chat)."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
+def cache_of(out):
+    """The KV cache a forward returned, under either name."""
+    cache = out.get("cache") if hasattr(out, "get") else getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 class HFDecoder:
     """Any causal LM through its own ``forward`` and a ``DynamicCache``."""
 
@@ -41,11 +53,12 @@ class HFDecoder:
         self.model = model
         self.device = next(model.parameters()).device
         self.extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        self.cache_kw = cache_kwarg(model)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
-                         past_key_values=self.past, use_cache=True, **self.extra)
-        self.past = out.past_key_values
+                         use_cache=True, **{self.cache_kw: self.past}, **self.extra)
+        self.past = cache_of(out)
         return out.logits[:, -1]
 
     def prefill(self, prompts: list[list[int]], pad_id: int, max_new: int) -> torch.Tensor:

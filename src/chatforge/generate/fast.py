@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from chatforge.generate import kernels as _kernels
-from chatforge.generate.decoders import left_pad
+from chatforge.generate.decoders import cache_of, left_pad
 
 SUPPORTED_TYPES = ("llama",)
 
@@ -135,7 +135,7 @@ class FastLlamaDecoder:
         B, L = ids.shape
         T = L + max_new
         self.k, self.v = [], []
-        for layer in out.past_key_values.layers:
+        for layer in cache_of(out).layers:
             k = layer.keys.new_empty((B, self.n_kv, T, self.head_dim))
             v = layer.values.new_empty((B, self.n_kv, T, self.head_dim))
             k[:, :, :L] = layer.keys

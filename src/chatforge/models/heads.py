@@ -169,8 +169,10 @@ class RewardModel(nn.Module):
         return self(input_ids, attention_mask)
 
     # -- training helpers ---------------------------------------------------------------
-    def gradient_checkpointing_enable(self, **kw) -> None:
-        self.model.gradient_checkpointing_enable(**kw)
+    def activation_checkpointing_enable(self, **kw) -> None:
+        from chatforge.models.load import enable_checkpointing
+
+        enable_checkpointing(self.model)
 
     def freeze_bottom(self, n_layers: int) -> int:
         """Freeze the embeddings and the lowest ``n_layers`` decoder layers; returns how many

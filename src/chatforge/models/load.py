@@ -244,3 +244,12 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "fp32", devic
 def load(name: str | os.PathLike, dtype: str | torch.dtype = "fp32", device: str | None = None, **kw):
     """``(model, tokenizer)`` in one call."""
     return load_model(name, dtype=dtype, device=device, **kw), load_tokenizer(name)
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute activations in the backward pass (non-reentrant). transformers 5.2x renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``; take what exists."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

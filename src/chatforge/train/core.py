@@ -23,6 +23,7 @@ import torch
 from chatforge.config import check_range
 from chatforge.errors import ConfigError
 from chatforge.models.lora import LoraSettings, apply_lora, is_peft
+from chatforge.models.load import enable_checkpointing
 from chatforge.runs import Run, checkpoint_step
 
 
@@ -116,7 +117,7 @@ def mixed_precision(cfg: TrainConfig) -> str:
 def prepare_model(model, cfg: TrainConfig):
     """LoRA wrap (if asked) and gradient checkpointing. Weights stay fp32 (master copy)."""
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora and not is_peft(model):
         model = apply_lora(model, cfg.lora_cfg)
