@@ -10,5 +10,5 @@ test: setup
 	.venv/bin/python -m pytest -q tests
 
 bench: setup
-	.venv/bin/python -m pip install -q -e ".[bench]"
+	.venv/bin/python -m pip install -q --no-deps "trl==1.16.0"  # --no-deps: never let TRL move torch/transformers
 	.venv/bin/python bench/generate.py

@@ -2,8 +2,11 @@
 
 One run on SmolLM2-135M-Instruct: tokens/s at batch 1 and batch 8, fp32 and bf16 weights,
 for ``model.generate`` (greedy, dynamic cache: the baseline), chatforge's generic decoder
-(``Engine(fast=False)``: the model's own forward + our loop) and chatforge's default engine
-(fast Llama decoder + C kernel). Every side generates exactly ``--tokens`` new tokens per
+(``Engine(fast=False)``: the model's own forward + our loop), the fast Llama decoder with the
+C kernels forced on ("C kernels"), and chatforge's default engine (the fast decoder, which
+times the C matrix-vector kernel against PyTorch's GEMM on the model's weights once per
+process and batch size and takes the faster: "auto", with its pick; the per-layer glue ops
+stay in C either way). Every side generates exactly ``--tokens`` new tokens per
 sequence (end-of-sequence disabled), greedy, from the same chat-formatted prompts; time is
 wall time of the whole call (prefill included), best of ``--repeats``.
 
@@ -110,10 +113,18 @@ def hf_generate(model, prompts: list[list[int]], n: int, pad: int) -> list[list[
     return out[:, L:].tolist()
 
 
+def pick(decoder) -> str:
+    """What the default engine chose on this machine: all C, C glue + PyTorch GEMM, or all PyTorch."""
+    if not getattr(decoder, "_kernels_ok", False):
+        return "torch"
+    return "C" if decoder._matvec_c else "C glue + torch GEMM"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from chatforge.generate import kernels
     from chatforge.generate.engine import Engine, SamplingConfig
+    from chatforge.generate.fast import FastLlamaDecoder
     from chatforge.models.load import load
 
     copy_gbs, read_gbs = bandwidth()
@@ -131,6 +142,10 @@ def main(argv=None) -> int:
               f"(copy rate), {read_gbs * 1e9 / wb:.1f} tok/s (read rate)", flush=True)
         fast = Engine(model, tok, eos_token_ids=[-1])  # -1: never stop early
         generic = None if args.no_generic else Engine(model, tok, eos_token_ids=[-1], fast=False)
+        forced = None
+        if kernels.load() is not None:
+            forced = Engine(model, tok, eos_token_ids=[-1])
+            forced.decoder = FastLlamaDecoder(model, use_kernels=True)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         eos = Engine(model, tok).eos_token_ids
         chats = [fast.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
@@ -144,25 +159,32 @@ def main(argv=None) -> int:
             t_fast, out = time_best(lambda: fast.generate(prompts, cfg), args.repeats)
             same = sum(agree_until_eos(c.token_ids, r, set(eos)) for c, r in zip(out, ref))
             row = {"dtype": dtype, "batch": b, "hf": n / t_hf, "fast": n / t_fast, "same": same,
-                   "roof": roof if b == 1 else None}
+                   "roof": roof if b == 1 else None,
+                   "pick": pick(fast.decoder)}
+            if forced is not None:
+                t_c, _ = time_best(lambda: forced.generate(prompts, cfg), args.repeats)
+                row["ckern"] = n / t_c
             if generic is not None:
                 t_gen, _ = time_best(lambda: generic.generate(prompts, cfg), args.repeats)
                 row["generic"] = n / t_gen
             rows.append(row)
-            print(f"  batch {b}: generate {row['hf']:.1f} tok/s, chatforge {row['fast']:.1f} tok/s"
+            print(f"  batch {b}: generate {row['hf']:.1f} tok/s, chatforge {row['fast']:.1f} tok/s ({row['pick']})"
                   + (f", generic decoder {row['generic']:.1f} tok/s" if "generic" in row else "")
+                  + (f", C kernels forced {row['ckern']:.1f} tok/s" if "ckern" in row else "")
                   + f", greedy identical to generate: {same}/{b} sequences", flush=True)
-        del model, fast, generic
+        del model, fast, generic, forced
 
     base = {r["batch"]: r["hf"] for r in rows if r["dtype"] == "fp32"}
-    print("\n| dtype | batch | generate tok/s | chatforge generic | chatforge | vs generate | vs generate fp32 "
-          "| % roofline | greedy = generate (sequences) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| dtype | batch | generate tok/s | chatforge generic | C kernels forced | chatforge (auto: pick) "
+          "| vs generate | vs generate fp32 | % roofline | greedy = generate (sequences) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         vs32 = f"{r['fast'] / base[r['batch']]:.2f}x" if r["batch"] in base else "-"
         roof = f"{100 * r['fast'] / r['roof']:.0f}%" if r["roof"] else "-"
         gen = f"{r['generic']:.1f}" if "generic" in r else "-"
-        print(f"| {r['dtype']} | {r['batch']} | {r['hf']:.1f} | {gen} | {r['fast']:.1f} | {r['fast'] / r['hf']:.2f}x "
+        ck = f"{r['ckern']:.1f}" if "ckern" in r else "-"
+        print(f"| {r['dtype']} | {r['batch']} | {r['hf']:.1f} | {gen} | {ck} | {r['fast']:.1f}: {r['pick']} "
+              f"| {r['fast'] / r['hf']:.2f}x "
               f"| {vs32} | {roof} | {r['same']}/{r['batch']} |")
     print(f"\nload average during the run: {os.getloadavg()[0]:.2f} (figures need an idle machine)")
     return 0

@@ -415,7 +415,7 @@ def test_fused_layers_equal_the_per_op_path(dtype, bias):
     prompts = [[5, 9, 23, 40, 7], [11, 12], [30, 31, 32]]
     outs = []
     for fused in (True, False):
-        dec = FastLlamaDecoder(model)
+        dec = FastLlamaDecoder(model, use_kernels=True)
         with torch.inference_mode():
             logits = [dec.prefill(prompts, 0, 6)]
             assert (dec._fused is not None) == (dtype in dec.kernels.DTYPES)
@@ -428,3 +428,29 @@ def test_fused_layers_equal_the_per_op_path(dtype, bias):
         outs.append(torch.stack([t.float() for t in logits[:-1]]))
         outs.append(logits[-1].float())
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+
+
+def test_auto_kernels_follow_the_measurement(monkeypatch):
+    """"auto" runs the C kernels only where they measured faster than PyTorch on this machine
+    (they lose to oneDNN on some CPUs); CHATFORGE_KERNELS=1 forces them."""
+    from chatforge.generate import fast, kernels
+
+    if kernels.load() is None:
+        pytest.skip("no C compiler: the engine falls back to PyTorch")
+    model = spicy_tiny().eval()
+    for verdict in (True, False):
+        monkeypatch.setattr(fast, "kernels_pay_off", lambda *a, v=verdict, **k: v)
+        dec = fast.FastLlamaDecoder(model)
+        with torch.inference_mode():
+            dec.prefill([[5, 9, 23]], 0, 4)
+        assert (dec._fused is not None) is verdict and dec._matvec_c is verdict
+        assert dec._kernels_ok  # the per-layer glue stays in C either way
+    monkeypatch.setenv("CHATFORGE_KERNELS", "1")
+    dec = fast.FastLlamaDecoder(model)
+    with torch.inference_mode():
+        dec.prefill([[5, 9, 23]], 0, 4)
+    assert dec._fused is not None
+    monkeypatch.undo()
+    weights = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
+    assert isinstance(fast.kernels_pay_off(kernels.load(), weights, 2), bool)
+    assert (weights[0].dtype, 2, tuple(tuple(w.shape) for w in weights)) in fast._PAYS_OFF

@@ -67,6 +67,9 @@ def load_engine(model: str, dtype: str = "auto", template: str | None = None) ->
     from chatforge.data.templates import get_template
     from chatforge.models.load import fast_bf16_cpu, load
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a chat (and in its piped output)
     if dtype == "auto":
         import torch
 
