@@ -70,10 +70,6 @@ def load_engine(model: str, dtype: str = "auto", template: str | None = None) ->
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a chat (and in its piped output)
-    import warnings
-
-    # peft still asks for transformers' pre-5.2x name when it wraps an adapter: not the user's concern
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if dtype == "auto":
         import torch
 

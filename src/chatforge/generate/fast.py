@@ -206,7 +206,8 @@ class FastLlamaDecoder:
             self._matvec_c = bool(dense) and kernels_pay_off(self.kernels, dense, B)
         # no adapter in the layers: all of them in one C call (same kernels, same order, same bits)
         plain = self.base is self.model and all(not hasattr(m, "base_layer") for m in self.base.modules())
-        self._fused = self.kernels.layer_pointers(self.base.model.layers) if self._kernels_ok and self._matvec_c and plain else None
+        fused = self._kernels_ok and self._matvec_c and plain
+        self._fused = self.kernels.layer_pointers(self.base.model.layers) if fused else None
         self._buffers: dict[str, torch.Tensor] = {}
         self._kv_ptrs: tuple = (None,)
         return out.logits[:, -1]

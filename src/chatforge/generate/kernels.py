@@ -5,10 +5,10 @@ memory bandwidth. PyTorch's CPU GEMM (MKL / oneDNN) is tuned for large matrices;
 ``[1..16, K] x [K, N]`` products of decoding it reached ~10-12 GB/s on an Intel Sapphire
 Rapids, a fraction of what the memory delivers. (On an AMD EPYC with AVX-512-BF16 oneDNN
 does better than this file: the engine times both on the model's weights and takes the
-faster, see :func:`chatforge.generate.fast.kernels_pay_off`.) This kernel streams each weight row once, dots it with all
-batch rows (AVX-512 FMA for fp32, AVX-512-BF16 ``vdpbf16ps`` for bf16, plain loops the
-compiler vectorises elsewhere), accumulates in fp32 and rounds like PyTorch
-(round-to-nearest-even to bf16).
+faster, see :func:`chatforge.generate.fast.kernels_pay_off`.) This kernel streams each
+weight row once, dots it with all batch rows (AVX-512 FMA for fp32, AVX-512-BF16
+``vdpbf16ps`` for bf16, plain loops the compiler vectorises elsewhere), accumulates in fp32
+and rounds like PyTorch (round-to-nearest-even to bf16).
 
 The same file holds the small per-layer operations of a decode step (RMSNorm, rotary
 embedding + KV-cache store, attention over the cache, SiLU-gate): each is one call here

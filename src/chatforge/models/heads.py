@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from chatforge.errors import ChatforgeError
+from chatforge.models.load import enable_checkpointing
 from chatforge.models.lora import is_peft
 
 RM_NOTE = "reward_model.json"
@@ -169,9 +170,8 @@ class RewardModel(nn.Module):
         return self(input_ids, attention_mask)
 
     # -- training helpers ---------------------------------------------------------------
-    def activation_checkpointing_enable(self, **kw) -> None:
-        from chatforge.models.load import enable_checkpointing
-
+    def activation_checkpointing_enable(self, **_: Any) -> None:
+        """Called by :func:`enable_checkpointing` on the RM: checkpoint the backbone (non-reentrant)."""
         enable_checkpointing(self.model)
 
     def freeze_bottom(self, n_layers: int) -> int:

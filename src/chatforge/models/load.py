@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ from typing import Any
 import torch
 
 from chatforge.errors import ChatforgeError
+
+# peft (0.21) still reads transformers' pre-5.2x ``is_gradient_checkpointing`` whenever it wraps a
+# model, which warned on every adapter load (chat, eval) and LoRA run: not the user's concern
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
