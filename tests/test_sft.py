@@ -11,7 +11,9 @@ import torch
 
 from chatforge.cli import main
 from chatforge.config import load_config
-from chatforge.train.sft import MasterWeights, SFTConfig, TokenLoss, split_records, train_sft
+from chatforge.data.split import split_records
+from chatforge.train.levers import MasterWeights
+from chatforge.train.sft import SFTConfig, TokenLoss, train_sft
 
 PAIRS = [
     ("What colour is the sky?", "It is blue."),
@@ -40,7 +42,7 @@ def write_chats(path: Path, pairs=PAIRS) -> Path:
 def config(tmp_path: Path, name: str, **kw) -> SFTConfig:
     over = dict(model="tiny", data=[str(write_chats(tmp_path / "chats.jsonl"))], out=str(tmp_path / name),
                 eval_fraction=0, max_len=64, batch_size=4, grad_accum=1, warmup_steps=0, schedule="constant",
-                log_every=5, eval_every=1000, save_every=1000, eval_before=False)
+                log_every=5, eval_every=1000, save_every=1000, eval_at_start=False)
     over.update(kw)
     return load_config(SFTConfig, overrides=over)
 
@@ -127,7 +129,7 @@ def test_grouped_attention_matches_sdpa(packed):
     """fp32: the GQA-folded eager attention gives sdpa's loss and gradients (packed rows'
     block-diagonal mask, and padding)."""
     from chatforge.models.tiny import tiny_model
-    from chatforge.train.sft import attention_for_training
+    from chatforge.train.levers import attention_for_training
 
     model = tiny_model(heads=4, kv_heads=2)
     model.config.attention_dropout = 0.0
@@ -170,10 +172,12 @@ def test_master_weights_keep_fp32_and_accumulate_in_fp32():
 
 def test_split_is_by_record_and_seeded():
     recs = list(range(100))
-    tr, ev = split_records(recs, 0.1, 200, seed=3)
-    assert len(ev) == 10 and sorted(tr + ev) == recs
-    assert split_records(recs, 0.1, 200, seed=3) == (tr, ev)
-    assert split_records(recs, 0.1, 4, seed=3)[1] != [] and len(split_records(recs, 0.1, 4, seed=3)[1]) == 4
+    tr, ev, held = split_records(recs, 0.1, seed=3, max_eval=200)
+    assert len(ev) == 10 and sorted(tr + ev) == recs and ev == held  # records are their indices here
+    assert split_records(recs, 0.1, seed=3, max_eval=200) == (tr, ev, held)
+    assert split_records(recs, 0.1, seed=4)[1] != ev  # the seed matters
+    assert len(split_records(recs, 0.1, seed=3, max_eval=4)[1]) == 4
+    assert split_records(recs[:1], 0.5, seed=3)[1] == []  # training keeps at least one record
 
 
 # ---------------------------------------------------------------- resume
@@ -189,7 +193,7 @@ def test_resume_after_kill_matches_straight_run(tmp_path, lora):
               warmup_steps=2, lora_cfg={"dropout": 0.1})  # dropout: the RNG state must be restored too
     straight = state_of(load_model(train_sft(config(tmp_path, "straight", **kw))))
 
-    def kill_at_3(step, idx, model):
+    def kill_at_3(step, model, idx):
         if step == 3:
             raise Killed
 

@@ -25,10 +25,10 @@ DRIVER = textwrap.dedent('''
     cfg = load_config(SFTConfig, overrides=dict(
         model="tiny", data=[data], out=out, eval_fraction=0.2, max_len=48, pack=False, batch_size=2,
         grad_accum=2, max_steps=4, lr=5e-3, warmup_steps=0, log_every=1, eval_every=2, save_every=2,
-        precision=precision, eval_before=False, lora=lora))
+        precision=precision, eval_at_start=False, lora=lora))
     seen, digest = [], {}
 
-    def on_step(step, idx, model):
+    def on_step(step, model, idx):
         import torch.distributed as dist
         seen.append([step, idx])
         h = hashlib.sha256()

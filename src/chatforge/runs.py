@@ -143,13 +143,25 @@ class Run:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=ckroot))
         try:
             save(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        atomic_write_text(ckroot / "latest", final.name + "\n")
+        return self.publish_checkpoint(tmp, step, keep_last)
+
+    def checkpoint_tmp(self, step: int) -> Path:
+        """Where every rank writes its part of checkpoint ``step`` before it is published (a
+        name all ranks agree on, unlike a ``mkdtemp``)."""
+        return self.path / "checkpoints" / f".tmp-{self.checkpoint_dir(step).name}"
+
+    def publish_checkpoint(self, tmp: Path, step: int, keep_last: int = 0) -> Path:
+        """Rank 0: rename a complete ``tmp`` to ``step-N``, point ``latest`` at it, prune."""
+        final = self.checkpoint_dir(step)
+        if not self.is_main:
+            return final
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(self.path / "checkpoints" / "latest", final.name + "\n")
         if keep_last > 0:
             for old in list_checkpoints(self.path)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

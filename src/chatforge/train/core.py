@@ -1,6 +1,7 @@
-"""What every training loop shares: config fields, device/precision/distribution set-up
-(accelerate), optimizer and schedule, deterministic sharded batching, checkpoints with
-exact resume. The loops themselves (sft.py, rm.py, dpo.py, ppo.py) stay in the open.
+"""What every trainer sets up the same way: config fields, device/precision/distribution
+(accelerate), optimizer and schedule, deterministic sharded batch order, the start model.
+The loop itself (budget, cadence, checkpoints, resume) is :mod:`chatforge.train.loop`; the
+algorithms (sft.py, rm.py, dpo.py, ppo.py) stay in the open.
 
 Levers, in the order they matter on a 2-core CPU: bf16 autocast (~3x fp32 matmul here,
 fp32 master weights and optimizer state stay), sequence packing (no pad tokens computed),
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -24,7 +24,6 @@ from chatforge.config import check_range
 from chatforge.errors import ConfigError
 from chatforge.models.lora import LoraSettings, apply_lora, is_peft
 from chatforge.models.load import enable_checkpointing
-from chatforge.runs import Run, checkpoint_step
 
 
 @dataclass
@@ -49,7 +48,9 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_steps: int = 0                 # optimizer steps; 0 = derive from epochs
     epochs: float = 1.0
-    max_minutes: float = 0.0           # wall-clock budget; 0 = none. Stops cleanly and saves.
+    max_minutes: float = 0.0           # training-time budget (train/loop.py); 0 = none. Stops cleanly and saves.
+    budget_clock: Literal["wall", "cpu"] = "wall"  # cpu: process CPU time / threads (fair on a busy machine)
+    eval_at_start: bool = True         # evaluate the starting model (step 0)
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
@@ -95,11 +96,20 @@ def setup_accelerator(cfg: TrainConfig):
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    # step_scheduler_with_optimizer=False: our step counts already divide by the world size;
+    # accelerate would otherwise advance a prepared scheduler once per process per step
+    acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
     set_seed(cfg.seed)
     if acc.device.type == "cpu" and mp == "bf16" and autocast_dtype(acc.device) is None:
         acc.print("warning: bf16 requested on a CPU without native bf16; it will be slow")
     return acc
+
+
+def is_sharded(accelerator) -> bool:
+    """FSDP or DeepSpeed: parameters are sharded and the engine owns mixed precision."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def mixed_precision(cfg: TrainConfig) -> str:
@@ -189,155 +199,7 @@ def batch_indices(n: int, batch_size: int, seed: int, rank: int = 0, world: int 
         b += 1
 
 
-# ---------------------------------------------------------------- save / resume
-def unwrap(accelerator, model):
-    return accelerator.unwrap_model(model) if accelerator is not None else model
-
-
-def save_model(model, tokenizer, out: Path) -> None:
-    """HF format: full model (safetensors) or LoRA adapter, tokenizer with its chat
-    template, and the generation config -- loadable by plain transformers/peft."""
-    import warnings
-
-    out.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # peft looks for the base's config.json to detect a resized vocabulary;
-        # our bases are often a name ("smollm2") or an adapter run, and we never resize
-        warnings.filterwarnings("ignore", message="Could not find a config file")
-        model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and not (out / "generation_config.json").exists():
-        try:
-            gen.save_pretrained(out)
-        except Exception:  # an invalid generation config must not lose a checkpoint
-            pass
-
-
-def _rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def save_checkpoint(run: Run, step: int, accelerator, model, tokenizer, optimizer=None, scheduler=None,
-                    extra: dict[str, Any] | None = None, keep_last: int = 3, extra_modules: dict | None = None) -> Path:
-    """Model + trainer state, atomically published as ``checkpoints/step-N``.
-
-    ``extra_modules`` (name -> nn.Module) are saved as ``<name>.safetensors`` (value heads).
-    """
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    m = unwrap(accelerator, model)
-    rank = accelerator.process_index if accelerator is not None else 0
-
-    def write(tmp: Path) -> None:
-        save_model(m, tokenizer, tmp)
-        st = tmp / "trainer_state"
-        st.mkdir()
-        state = {"step": step, "extra": extra or {}}
-        if optimizer is not None:
-            state["optimizer"] = optimizer.state_dict()
-        if scheduler is not None:
-            state["scheduler"] = scheduler.state_dict()
-        torch.save(state, st / "state.pt")
-        torch.save(_rng_state(), st / f"rng_{rank}.pt")
-        if extra_modules:
-            from safetensors.torch import save_file
-
-            for name, mod in extra_modules.items():
-                save_file({k: v.detach().contiguous().cpu() for k, v in unwrap(accelerator, mod).state_dict().items()},
-                          str(tmp / f"{name}.safetensors"))
-
-    path = run.save_checkpoint(step, write, keep_last=keep_last)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return path
-
-
-def load_weights_into(model, ckpt: Path) -> None:
-    """Load a checkpoint's weights into an already-built (possibly PEFT) model."""
-    from safetensors.torch import load_file
-
-    if hasattr(model, "load_checkpoint_weights"):  # a model with its own layout (reward model)
-        model.load_checkpoint_weights(ckpt)
-        return
-    if is_peft(model):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-        return
-    files = sorted(ckpt.glob("model*.safetensors"))
-    if not files:
-        raise ConfigError(f"{ckpt}: no model weights to resume from")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if "lm_head" not in k]  # tied embeddings are not saved twice
-    if missing or unexpected:
-        raise ConfigError(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-def resume_from(run: Run, accelerator, model, optimizer=None, scheduler=None, extra_modules: dict | None = None
-                ) -> dict[str, Any] | None:
-    """Restore the newest checkpoint into the given objects; returns its ``extra`` state
-    (with ``step``), or None when there is nothing to resume."""
-    ck = run.latest_checkpoint()
-    if ck is None:
-        return None
-    m = unwrap(accelerator, model)
-    load_weights_into(m, ck)
-    state = torch.load(ck / "trainer_state" / "state.pt", map_location="cpu", weights_only=False)
-    if optimizer is not None and "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and "scheduler" in state:
-        scheduler.load_state_dict(state["scheduler"])
-    if extra_modules:
-        from safetensors.torch import load_file
-
-        for name, mod in extra_modules.items():
-            unwrap(accelerator, mod).load_state_dict(load_file(str(ck / f"{name}.safetensors")))
-    rank = accelerator.process_index if accelerator is not None else 0
-    rng = ck / "trainer_state" / f"rng_{rank}.pt"
-    if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
-    run.truncate_metrics(state["step"])
-    out = dict(state.get("extra", {}))
-    out["step"] = state["step"]
-    out["checkpoint"] = str(ck)
-    return out
-
-
-def finish(run: Run, accelerator, model, tokenizer, step: int, merge: bool = False, **summary: Any) -> Path:
-    """Final checkpoint -> ``model/``, ``summary.json``, ``DONE``.
-
-    ``merge``: publish ``model/`` as full merged weights instead of the checkpoint's adapter
-    (see :func:`publish_merged`)."""
-    ck = run.latest_checkpoint()
-    if ck is None or checkpoint_step(ck) != step:
-        ck = save_checkpoint(run, step, accelerator, model, tokenizer, keep_last=0)
-    if accelerator is None or accelerator.is_main_process:
-        if merge:
-            publish_merged(run, model, tokenizer, ck)
-        else:
-            run.publish_model(ck)
-        run.write_summary(steps=step, **summary)
-        run.mark_done()
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return run.path / "model"
-
-
+# ---------------------------------------------------------------- start models
 def starts_from_adapter(name: str) -> bool:
     """Whether the start model ``name`` is itself a LoRA adapter (e.g. a LoRA SFT run)."""
     from chatforge.models.load import resolve
@@ -363,26 +225,6 @@ def name_adapter_base(model, start: str) -> None:
     if is_peft(model):
         for cfg in model.peft_config.values():
             cfg.base_model_name_or_path = portable_name(start)
-
-
-def publish_merged(run: Run, model, tokenizer, checkpoint: Path) -> Path:
-    """``model/`` as full merged weights: the start policy was itself an adapter (merged
-    into the backbone we trained on), so this run's adapter alone has no loadable base
-    outside chatforge. Extra files of the checkpoint (a value head) are kept."""
-    import copy
-    import shutil
-    import tempfile
-
-    merged = copy.deepcopy(model).merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-merged-", dir=run.path))
-    save_model(merged, tokenizer, tmp)
-    for extra in checkpoint.glob("value_head.safetensors"):
-        shutil.copy2(extra, tmp / extra.name)
-    dst = run.path / "model"
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.replace(dst)
-    return dst
 
 
 def tokens_per_second(tokens: int, seconds: float) -> float:
