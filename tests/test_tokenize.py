@@ -21,7 +21,6 @@ from chatforge.data.tokenize import (
     get_encoder,
     iter_examples,
     pack_examples,
-    tokenize_to_dataset,
     truncate,
     TokenizeStats,
 )
@@ -341,45 +340,6 @@ def test_build_sft_examples(tok):
     assert len(packed) == s2.rows == 1 and s2.tokens == sum(len(e["input_ids"]) for e in plain)
 
 
-# -- the Arrow path ------------------------------------------------------------------------------------
-
-def test_tokenize_to_dataset_cached_and_equal(tok, tmp_path):
-    rnd = random.Random(11)
-    recs = [Conversation([m("user", "q " * rnd.randint(1, 40)), m("assistant", "a " * rnd.randint(1, 60))],
-                         meta={"source": "in.jsonl", "line": i + 1}) for i in range(150)]
-    recs.append(Preference([m("user", "q")], m("assistant", "a"), m("assistant", "b"), meta={"source": "in.jsonl", "line": 151}))
-    src = tmp_path / "in.jsonl"
-    src.write_text("stands for the input file\n")
-    want, want_stats = build_sft_examples(recs, tok, 96, template="chatml")
-
-    ds, stats = tokenize_to_dataset(recs, tok, 96, template="chatml", files=[src], cache_dir=tmp_path / "cache")
-    assert stats.to_dict() == want_stats.to_dict()
-    assert ds[:]["input_ids"] == [r["input_ids"] for r in want] and ds[:]["position_ids"] == [r["position_ids"] for r in want]
-
-    def must_not_read():
-        raise AssertionError("a cache hit must not read the records")
-        yield
-
-    again, again_stats = tokenize_to_dataset(must_not_read(), tok, 96, template="chatml", files=[src],
-                                             cache_dir=tmp_path / "cache")
-    assert again_stats == stats and again[:]["labels"] == ds[:]["labels"]
-    src.write_text("changed\n")  # new input bytes -> new key -> records are read again
-    with pytest.raises(AssertionError, match="must not read"):
-        tokenize_to_dataset(must_not_read(), tok, 96, template="chatml", files=[src], cache_dir=tmp_path / "cache")
-
-    two, two_stats = tokenize_to_dataset(recs, tok, 96, template="chatml", num_proc=2, cache_dir=tmp_path / "nocache")
-    assert two_stats.examples == stats.examples and two_stats.tokens == stats.tokens
-    got = sorted(ex for row in two for ex in [(i, lab[1:]) for i, lab in split_row(row)])
-    assert got == sorted((r["input_ids"], r["labels"][1:]) for r in plain_examples(recs, tok))
-
-    flat, flat_stats = tokenize_to_dataset(recs, tok, 96, template="chatml", pack=False, cache_dir=tmp_path / "nc2")
-    assert flat.column_names == ["input_ids", "labels"] and len(flat) == flat_stats.rows == flat_stats.examples
-
-
-def plain_examples(recs, tok):
-    return build_sft_examples(recs, tok, 96, template="chatml", pack=False)[0]
-
-
 # -- the fast paths agree with the general one -------------------------------------------------------
 
 @pytest.mark.parametrize("name", BUILTINS)
@@ -396,9 +356,9 @@ def test_compiled_plans_equal_general_path(tok, name, train_on):
 
 
 def test_pretoken_cache_matches_rust(tok):
-    from chatforge.data.encoder import _PretokenBPE
+    from chatforge.data.pretoken_cache import PretokenBPE
 
-    fast = _PretokenBPE.build(tok.backend_tokenizer)
+    fast = PretokenBPE.build(tok.backend_tokenizer)
     assert fast is not None  # the tiny tokenizer is byte-level BPE, like SmolLM2
     rnd = random.Random(5)
     alphabet = "abcdefghij XYZ 0123456789 \n\t'.,;:!?()[]{}<>-_=+*/\\\"#$%&@^`|~"
@@ -409,7 +369,7 @@ def test_pretoken_cache_matches_rust(tok):
         assert got.ids == want.ids, repr(text)
         for c in range(len(text)):
             assert got.char_to_token(c) == want.char_to_token(c), (repr(text), c)
-    assert not _PretokenBPE.handles("café") and not _PretokenBPE.handles("bell\x07") and _PretokenBPE.handles("a\tb\n")
+    assert not PretokenBPE.handles("café") and not PretokenBPE.handles("bell\x07") and PretokenBPE.handles("a\tb\n")
 
 
 # -- real data ---------------------------------------------------------------------------------------

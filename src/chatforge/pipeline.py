@@ -146,6 +146,7 @@ def run_data_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> di
     """Read every input file, clean, split, and write canonical JSONL per role."""
     from chatforge.data import clean as cleaning
     from chatforge.data.readers import iter_records
+    from chatforge.data.split import split_records
     from chatforge.data.records import Conversation, Preference, Prompt, Ranking, prompt_of, write_jsonl
 
     out = root / "data"
@@ -182,11 +183,11 @@ def run_data_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> di
     sft = [r if isinstance(r, Conversation) else Conversation(r.prompt + [r.chosen], dict(r.meta)) for r in sft]
     heldout = load("heldout", spec.heldout, (Conversation,)) if spec.heldout else []
     if sft and not heldout and spec.heldout_fraction > 0 and not spec.preference_heldout_fraction:
-        sft, heldout = _split(sft, spec.heldout_fraction, recipe.seed)
+        sft, heldout, _ = split_records(sft, spec.heldout_fraction, recipe.seed, min_eval=1)
     prefs = load("preferences", spec.preferences, (Preference, Ranking)) if spec.preferences else []
     prefs_heldout: list = []
     if prefs and spec.preference_heldout_fraction > 0:
-        prefs, prefs_heldout = _split(prefs, spec.preference_heldout_fraction, recipe.seed)
+        prefs, prefs_heldout, _ = split_records(prefs, spec.preference_heldout_fraction, recipe.seed, min_eval=1)
         write_jsonl(prefs_heldout, out / "preferences_heldout.jsonl")
         log(f"  preferences_heldout: {len(prefs_heldout)} records -> {out / 'preferences_heldout.jsonl'}")
         if not heldout:  # evaluate on the held-out prompts, with the preferred answer as reference
@@ -204,16 +205,6 @@ def run_data_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> di
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     (out / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     return report
-
-
-def _split(records: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded split by record: (kept, held out), both in original order."""
-    import random
-
-    idx = list(range(len(records)))
-    random.Random(seed).shuffle(idx)
-    hold = set(idx[: max(1, int(len(records) * fraction))])
-    return ([r for i, r in enumerate(records) if i not in hold], [r for i, r in enumerate(records) if i in hold])
 
 
 def _as_dict(r) -> dict:

@@ -8,8 +8,9 @@ tokens with the fast tokenizer's char->token table), never from token ids: on Sm
 pad == eos == ``<|im_end|>``, and a mask built from pad ids would silently drop the very
 token that teaches the model to stop.
 
-How the encoding is made fast (compiled template plans, a pre-token cache) is in
-:mod:`chatforge.data.encoder`; this module is the API the trainers use.
+The encoder itself is :mod:`chatforge.data.encoder` (its speed levers, each with its
+measurement: :mod:`chatforge.data.template_plans`, :mod:`chatforge.data.pretoken_cache`);
+this module is the API the trainers use.
 
 Public API:
 
@@ -17,32 +18,23 @@ Public API:
   (:class:`Encoded`: ``input_ids``, ``labels``, ``turn_ends``; :func:`get_encoder` for batches)
 * :func:`truncate` (policies ``turns`` and ``drop``), :class:`TokenizeStats`
 * :func:`iter_examples`, :func:`pack_examples`, :func:`build_sft_examples`, :func:`collate`
-* :func:`tokenize_to_dataset` -- the large-corpus path (Arrow on disk, memory-mapped, cached)
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
-import os
-import shutil
-import tempfile
 from bisect import bisect_left, bisect_right, insort
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from itertools import chain
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from chatforge.data.encoder import IGNORE_INDEX, TRAIN_ON, Encoded, Encoder, get_encoder
+from chatforge.data.encoder import IGNORE_INDEX, Encoded, Encoder, get_encoder
 from chatforge.data.records import Conversation
-from chatforge.data.templates import get_template
 from chatforge.errors import ConfigError, DataError
 
 __all__ = ["IGNORE_INDEX", "Encoded", "Encoder", "get_encoder", "encode_messages", "encode_prompt",
            "encode_prompt_response", "TokenizeStats", "truncate", "iter_examples", "pack_examples",
-           "build_sft_examples", "collate", "tokenize_to_dataset", "hash_files", "default_cache_dir"]
+           "build_sft_examples", "collate"]
 
 TRUNCATION = ("turns", "drop")
 MAX_ERRORS_KEPT = 20
@@ -292,8 +284,7 @@ def build_sft_examples(records: Iterable[Any], tokenizer: Any, max_len: int, tem
 
     With ``pack`` the examples are packed rows (``input_ids``, ``labels``,
     ``position_ids``); otherwise one ``{input_ids, labels}`` per kept conversation.
-    Feed batches of them to :func:`collate`. For corpora that do not fit comfortably in
-    memory use :func:`tokenize_to_dataset`.
+    Feed batches of them to :func:`collate`.
     """
     stats = TokenizeStats()
     examples = iter_examples(records, tokenizer, max_len, template, train_on, truncation, stats)
@@ -345,195 +336,3 @@ def collate(batch: list[dict], pad_id: int, pad_to_multiple_of: int | None = Non
             extra[i, :k] = 1
     key = "position_ids" if packed[0] else "attention_mask"
     return {"input_ids": input_ids, "labels": labels, key: extra}
-
-
-# -- large corpora: Arrow on disk ----------------------------------------------------------------
-
-FORMAT_VERSION = 1  # bump when the stored rows change meaning: invalidates every cache
-_STATUS_KEPT = ("ok", "truncated")
-
-
-def default_cache_dir() -> Path:
-    """``$CHATFORGE_CACHE/datasets`` (default ``~/.cache/chatforge/datasets``)."""
-    return Path(os.environ.get("CHATFORGE_CACHE", Path.home() / ".cache" / "chatforge")) / "datasets"
-
-
-def hash_files(paths: Iterable[str | os.PathLike]) -> str:
-    """Content hash of input files (their bytes, in order), for cache keys."""
-    h = hashlib.blake2b(digest_size=16)
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        h.update(b"\0file\0")
-    return h.hexdigest()
-
-
-def _tokenizer_fingerprint(tokenizer: Any) -> str:
-    h = hashlib.blake2b(tokenizer.backend_tokenizer.to_str().encode(), digest_size=16)
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def tokenize_to_dataset(records: Iterable[Any], tokenizer: Any, max_len: int, *, template: str = "auto",
-                        pack: bool = True, train_on: str = "assistant", truncation: str = "turns",
-                        files: Iterable[str | os.PathLike] | None = None, key_extra: str = "",
-                        cache_dir: str | os.PathLike | None = None, num_proc: int | None = None,
-                        chunk: int = 4000) -> tuple[Any, TokenizeStats]:
-    """The large-corpus path: conversations -> training rows in an Arrow file, memory-mapped.
-
-    One streaming pass, constant memory: records are cut into chunks of ``chunk``
-    conversations, each chunk is tokenised, truncated and packed (rows never span chunks)
-    -- by ``num_proc`` forked worker processes when ``num_proc > 1``, overlapping with the
-    reading and cleaning that produce ``records`` in this process -- and the rows are
-    appended to ``rows.arrow``, opened at the end as a memory-mapped ``datasets.Dataset``.
-    (Not ``datasets.map``: that needs the whole corpus written to Arrow first and reads
-    it twice more, and the serial read/clean phase then leaves a core idle.)
-
-    With ``files`` (the inputs ``records`` come from) the result is cached under
-    ``cache_dir/<key>``, the key hashing the files' bytes, the tokenizer, template,
-    ``max_len`` and every option (add cleaning settings etc. via ``key_extra``); a second
-    call with the same key returns the cached rows without reading ``records``. Without
-    ``files`` the rows go to a fresh folder under ``cache_dir`` that the caller owns.
-
-    Returns ``(datasets.Dataset, TokenizeStats)``; columns ``input_ids``, ``labels`` and,
-    packed, ``position_ids`` (int32 lists): feed batches of rows to :func:`collate`.
-    """
-    if truncation not in TRUNCATION or train_on not in TRAIN_ON or max_len < 2 or chunk < 1:
-        raise ConfigError(f"tokenize_to_dataset: bad option (truncation={truncation!r}, train_on={train_on!r}, "
-                          f"max_len={max_len}, chunk={chunk})")
-    template = get_template(tokenizer, template)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    settings = dict(v=FORMAT_VERSION, template=template, max_len=max_len, pack=pack, train_on=train_on,
-                    truncation=truncation, chunk=chunk if pack else None, extra=key_extra)
-    key = None
-    if files is not None:
-        h = hashlib.blake2b(digest_size=12)
-        h.update(hash_files(files).encode())
-        h.update(_tokenizer_fingerprint(tokenizer).encode())
-        h.update(json.dumps(settings, sort_keys=True).encode())
-        key = "sft-" + h.hexdigest()
-        if (root / key / "manifest.json").exists():
-            return _load_cached(root / key)
-    work = Path(tempfile.mkdtemp(prefix=(key or "sft-nocache") + ".tmp-", dir=root))
-    try:
-        from datasets.arrow_writer import ArrowWriter
-
-        stats = TokenizeStats()
-        job = (tokenizer, template, train_on, max_len, truncation, pack)
-        chunks = _chunks(records, chunk, stats)
-        with fewer_gc_passes(), ArrowWriter(features=_row_features(pack), path=str(work / "rows.arrow")) as writer:
-            for columns, chunk_stats in _run_chunks(chunks, job, num_proc):
-                stats.merge(chunk_stats)
-                if len(columns["lengths"]):
-                    writer.write_table(_to_arrow(columns))
-            writer.finalize()
-        (work / "manifest.json").write_text(json.dumps({"files": ["rows.arrow"], "stats": stats.to_dict(),
-                                                        "settings": settings}, indent=1))
-        if key is None:
-            return _load_cached(work)
-        try:
-            os.replace(work, root / key)
-        except OSError:  # another process finished the same key first
-            shutil.rmtree(work, ignore_errors=True)
-        return _load_cached(root / key)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-
-
-def _load_cached(folder: Path) -> tuple[Any, TokenizeStats]:
-    from datasets import Dataset, concatenate_datasets
-
-    manifest = json.loads((folder / "manifest.json").read_text())
-    parts = [Dataset.from_file(str(folder / f)) for f in manifest["files"]]
-    ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-    return ds, TokenizeStats(**manifest["stats"])
-
-
-def _row_features(packed: bool):
-    from datasets import Features, List, Value
-
-    cols = {"input_ids": List(Value("int32")), "labels": List(Value("int32"))}
-    if packed:
-        cols["position_ids"] = List(Value("int32"))
-    return Features(cols)
-
-
-def _chunks(records: Iterable[Any], size: int, stats: TokenizeStats) -> Iterator[list[dict]]:
-    """Chunks of ``{"messages", "meta"}`` (meta: provenance only, small to ship to workers);
-    records that are not conversations are counted here."""
-    chunk: list[dict] = []
-    for rec in records:
-        try:
-            messages = _messages_of(rec)
-        except DataError as e:
-            stats.records += 1
-            stats.error(_where(rec), str(e))
-            continue
-        meta = getattr(rec, "meta", None) or (rec.get("meta") if isinstance(rec, dict) else None) or {}
-        chunk.append({"messages": messages, "meta": {"source": meta.get("source"), "line": meta.get("line")}})
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _run_chunks(chunks: Iterator[list], job: tuple, num_proc: int | None) -> Iterator[tuple[dict, TokenizeStats]]:
-    if not num_proc or num_proc <= 1:
-        _worker_init(*job)
-        yield from map(_work_chunk, chunks)
-        return
-    import multiprocessing
-
-    # forked workers inherit the tokenizer (no re-import of transformers, no pickling)
-    with multiprocessing.get_context("fork").Pool(num_proc, initializer=_worker_init, initargs=(*job, True)) as pool:
-        yield from pool.imap(_work_chunk, chunks)
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(tokenizer: Any, template: str, train_on: str, max_len: int, truncation: str, pack: bool,
-                 forked: bool = False) -> None:
-    if forked:  # one process per core already: no Rust thread pool (and no fork warning)
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        gc.freeze()  # what we inherited is never garbage: don't scan it (nor touch its pages)
-        gc.set_threshold(50_000, 20, 100)  # see fewer_gc_passes
-    _WORKER.update(encoder=get_encoder(tokenizer, template, train_on), max_len=max_len, truncation=truncation,
-                   pack=pack)
-
-
-def _work_chunk(chunk: list[dict]) -> tuple[dict, TokenizeStats]:
-    """Encode, truncate and (maybe) pack one chunk; rows come back as flat int32 arrays."""
-    import numpy as np
-
-    w = _WORKER
-    stats = TokenizeStats()
-    examples = _encode_batch(w["encoder"], chunk, w["max_len"], w["truncation"], stats)
-    if w["pack"]:
-        rows = list(pack_examples(examples, w["max_len"], buffer=len(chunk), stats=stats))
-        names = ("input_ids", "labels", "position_ids")
-    else:
-        rows = [e.to_dict() for e in examples]
-        stats.rows = len(rows)
-        names = ("input_ids", "labels")
-    lengths = np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int32, count=len(rows))
-    total = int(lengths.sum())
-    columns = {"lengths": lengths}
-    for name in names:
-        columns[name] = np.fromiter(chain.from_iterable(r[name] for r in rows), dtype=np.int32, count=total)
-    return columns, stats
-
-
-def _to_arrow(columns: dict) -> Any:
-    import numpy as np
-    import pyarrow as pa
-
-    offsets = np.zeros(len(columns["lengths"]) + 1, dtype=np.int32)
-    np.cumsum(columns["lengths"], out=offsets[1:])
-    offsets = pa.array(offsets)
-    names = [n for n in ("input_ids", "labels", "position_ids") if n in columns]
-    return pa.table({n: pa.ListArray.from_arrays(offsets, pa.array(columns[n])) for n in names})

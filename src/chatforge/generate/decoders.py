@@ -9,41 +9,18 @@ A decoder keeps its own KV cache, attention mask and positions, and exposes thre
 :class:`HFDecoder` works with any ``transformers`` causal LM, PEFT-wrapped or not: prompts are
 left-padded, ``attention_mask`` hides the padding and ``position_ids`` restart at 0 on the
 first real token of each row (exactly what ``generate`` does, so greedy outputs match).
+:func:`make_decoder` picks between it and :class:`~chatforge.generate.fast.FastLlamaDecoder`;
+what both need to call a forward (left padding, the cache's names) is in
+:mod:`chatforge.generate.cache`.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, L]`` ids and attention mask, padded on the left."""
-    L = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), L), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, L - len(p):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _accepts(model, name: str) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return name in inspect.signature(type(base).forward).parameters
-
-
-def cache_kwarg(model) -> str:
-    """The name ``forward`` takes the KV cache under: ``cache`` since transformers 5.2x,
-    ``past_key_values`` before (the old name still works there but warns on every chat)."""
-    return "cache" if _accepts(model, "cache") else "past_key_values"
-
-
-def cache_of(out):
-    """The KV cache a forward returned, under either name."""
-    cache = out.get("cache") if hasattr(out, "get") else getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
+from chatforge.errors import ConfigError
+from chatforge.generate.cache import accepts, cache_kwarg, cache_of, left_pad
+from chatforge.generate.fast import FastLlamaDecoder, unsupported_reason
 
 
 class HFDecoder:
@@ -52,7 +29,7 @@ class HFDecoder:
     def __init__(self, model):
         self.model = model
         self.device = next(model.parameters()).device
-        self.extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        self.extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
         self.cache_kw = cache_kwarg(model)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -83,15 +60,11 @@ class HFDecoder:
 def make_decoder(model, fast: bool | str = "auto"):
     """The fast Llama decoder when it supports ``model`` (``fast="auto"``), required (True) or
     never (False); otherwise the generic one."""
-    from chatforge.generate.fast import FastLlamaDecoder, unsupported_reason
-
     if fast is False:
         return HFDecoder(model)
     reason = unsupported_reason(model)
     if reason is None:
         return FastLlamaDecoder(model)
     if fast is True:
-        from chatforge.errors import ConfigError
-
         raise ConfigError(f"the fast decoder cannot run this model: {reason}")
     return HFDecoder(model)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.generate.decoders import make_decoder
 from chatforge.generate.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
@@ -190,8 +191,6 @@ class Engine:
         self.pad_token_id = int(pad) if pad is not None else self.eos_token_ids[0]
         self.max_context = context_length(model, tokenizer)
         self.device = next(model.parameters()).device
-        from chatforge.generate.decoders import make_decoder
-
         self.decoder = make_decoder(model, fast=fast)
 
     # ------------------------------------------------------------------ public API

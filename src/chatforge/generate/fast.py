@@ -30,14 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from chatforge.generate import kernels as _kernels
-from chatforge.generate.decoders import cache_of, left_pad
+from chatforge.generate.cache import cache_of, left_pad, peft_base
 
 SUPPORTED_TYPES = ("llama",)
-
-
-def _peft_base(model):
-    """The transformers model inside a PEFT wrapper (or ``model`` itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _lora_reason(base) -> str | None:
@@ -55,7 +50,7 @@ def _lora_reason(base) -> str | None:
 
 def unsupported_reason(model) -> str | None:
     """Why ``model`` cannot use the fast decoder (None if it can)."""
-    base = _peft_base(model)
+    base = peft_base(model)
     if base is not model:
         cfg = getattr(model, "active_peft_config", None)
         if cfg is not None and getattr(cfg, "is_prompt_learning", False):
@@ -126,7 +121,7 @@ class FastLlamaDecoder:
         if reason:
             raise ValueError(reason)
         self.model = model  # prefill goes through it (PEFT forward included)
-        self.base = _peft_base(model)  # the step walks its layers
+        self.base = peft_base(model)  # the step walks its layers
         cfg = self.base.config
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
