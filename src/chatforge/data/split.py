@@ -40,14 +40,18 @@ def read_records(paths: Sequence[str], fmt: str | None = None, log: Callable[[st
     return records, errors
 
 
-def split_indices(n: int, fraction: float, seed: int, max_eval: int = 0) -> tuple[list[int], list[int]]:
+def split_indices(n: int, fraction: float, seed: int, max_eval: int = 0, min_eval: int = 0
+                  ) -> tuple[list[int], list[int]]:
     """(train, held-out) record indices, both in file order.
 
     The first ``round(fraction * n)`` entries of a ``seed``-ed permutation are held out,
-    at most ``max_eval`` of them (0 = no cap), and never all: training keeps one record."""
+    at least ``min_eval`` and at most ``max_eval`` of them (0 = no cap), and never all:
+    training keeps one record."""
     import numpy as np
 
     n_eval = int(round(fraction * n))
+    if fraction > 0:
+        n_eval = max(n_eval, min_eval)
     if max_eval > 0:
         n_eval = min(n_eval, max_eval)
     n_eval = max(0, min(n_eval, n - 1))
@@ -57,10 +61,10 @@ def split_indices(n: int, fraction: float, seed: int, max_eval: int = 0) -> tupl
     return [i for i in range(n) if i not in hs], held
 
 
-def split_records(records: Sequence[Any], fraction: float, seed: int, max_eval: int = 0
+def split_records(records: Sequence[Any], fraction: float, seed: int, max_eval: int = 0, min_eval: int = 0
                   ) -> tuple[list[Any], list[Any], list[int]]:
     """(train records, held-out records, held-out indices) by :func:`split_indices`."""
-    train_idx, held_idx = split_indices(len(records), fraction, seed, max_eval)
+    train_idx, held_idx = split_indices(len(records), fraction, seed, max_eval, min_eval)
     return [records[i] for i in train_idx], [records[i] for i in held_idx], held_idx
 
 
