@@ -167,6 +167,7 @@ def test_two_ranks_shard_agree_and_resume_exactly(tmp_path, method):
     assert loss(single) == pytest.approx(loss(straight), rel=1e-5, abs=1e-6)
     num = sum(float(((one[k] - ref[k]) ** 2).sum()) for k in ref) ** 0.5
     den = sum(float((ref[k] ** 2).sum()) for k in ref) ** 0.5
+    print(f"{method}: 2 x b vs 1 x 2b, weights differ by {num / den:.2e} (relative L2)")
     assert num / den < 1e-5, f"2 x b vs 1 x 2b: weights differ by {num / den:.2e} (relative L2)"
 
 
