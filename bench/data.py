@@ -21,7 +21,8 @@ each runs in its own subprocess, so each peak RSS is that stage's own:
 records/s is input records over the stage's wall time (tokenizer loading excluded, shown
 apart); cpu us/rec is CPU time (all threads, worker processes included) per input record,
 the figure to compare on a shared machine. Peak RSS is the stage process's, "children" the
-largest worker's. Goal: >= 20k records/s end to end and peak RSS < 2 GiB. The trl stage
+largest worker's. The header records the CPU model and flags (no matmul here: no precision to
+pick). Goal: >= 20k records/s end to end and peak RSS < 2 GiB. The trl stage
 needs TRL (``pip install -e ".[bench]"``) and is skipped without it.
 
     .venv/bin/python bench/data.py                      # 1M records, every stage
@@ -42,6 +43,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _sides import machine_header
 
 STAGES = ["read", "clean", "tokenise", "pack", "arrow", "trl"]
 
@@ -273,6 +276,7 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(run_stage(args)))
         return
+    print(machine_header(None), flush=True)  # tokenisation only: no precision to choose
     stages = [s for s in args.stages.split(",") if s]
     bad = [s for s in stages if s not in STAGES]
     if bad:

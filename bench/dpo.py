@@ -1,6 +1,7 @@
 """DPO step time and peak RSS: chatforge vs TRL ``DPOTrainer``, side by side, one run.
 
-Same model (SmolLM2-135M-Instruct, fp32 master weights, bf16 autocast on both), same data
+Same model (SmolLM2-135M-Instruct, fp32 master weights, the precision this CPU makes fast on
+both: bf16 autocast with native bf16 matmul, else fp32; ``--precision``), same data
 (hh-rlhf harmless-base pairs that fit ``--max-len`` untruncated, so both sides compute the
 same tokens), same max_len, batch, steps (one epoch over ``steps * batch`` pairs, so both see
 the same pairs), same lr / beta / sigmoid loss, gradient checkpointing set explicitly on
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from _sides import run_side, step_bench_main
+from _sides import add_precision_arg, run_side, step_bench_main
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
 
@@ -38,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--lora", action="store_true", help="LoRA (r=16, all linear layers) on both sides")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on both sides")
+    add_precision_arg(p)
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--threads", type=int, default=0,
                    help="intra-op threads per side (0 = torch default); 1 avoids OpenMP stalls on a busy machine")
@@ -86,7 +88,8 @@ def run_chatforge(args, workdir: Path) -> dict:
 
     cfg = DPOConfig(model="smollm2", data=[str(workdir / "pairs.jsonl")], out=str(workdir / "cf-run"),
                     max_steps=args.steps, batch_size=args.batch, grad_accum=1, max_len=args.max_len, lr=args.lr,
-                    warmup_steps=0, schedule="constant", precision="bf16", gradient_checkpointing=args.grad_ckpt,
+                    warmup_steps=0, schedule="constant", precision=args.precision,
+                    gradient_checkpointing=args.grad_ckpt,
                     lora=args.lora, eval_fraction=0.0, kl_prompts=0, log_every=1, eval_every=10**9,
                     save_every=10**9, ref_batch_size=max(8, args.batch))
     t0 = time.perf_counter()
@@ -123,7 +126,8 @@ def run_trl(args, workdir: Path) -> dict:
 
     cfg = DPOConfig(output_dir=str(workdir / "trl-run"), per_device_train_batch_size=args.batch,
                     gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=args.lr, warmup_steps=0,
-                    lr_scheduler_type="constant", bf16=True, gradient_checkpointing=args.grad_ckpt,
+                    lr_scheduler_type="constant", bf16=args.precision == "bf16",
+                    gradient_checkpointing=args.grad_ckpt,
                     max_length=args.max_len, beta=0.1, loss_type=["sigmoid"], logging_steps=1, save_strategy="no",
                     report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0,
                     model_init_kwargs={"dtype": torch.float32}, disable_tqdm=True)
@@ -146,7 +150,8 @@ def run_trl(args, workdir: Path) -> dict:
 # ---------------------------------------------------------------- report (parent)
 def child(side: str, args, workdir: Path) -> dict:
     cmd = [__file__, "--child", side, "--workdir", str(workdir), "--steps", str(args.steps),
-           "--batch", str(args.batch), "--max-len", str(args.max_len), "--lr", str(args.lr)]
+           "--batch", str(args.batch), "--max-len", str(args.max_len), "--lr", str(args.lr),
+           "--precision", args.precision]
     cmd += ["--lora"] * args.lora + ["--grad-ckpt"] * args.grad_ckpt
     return run_side(cmd, args.threads)
 

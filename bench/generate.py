@@ -1,6 +1,8 @@
 """Decoding speed: chatforge's engine vs ``transformers.generate``, against the memory roofline.
 
-One run on SmolLM2-135M-Instruct: tokens/s at batch 1 and batch 8, fp32 and bf16 weights,
+One run on SmolLM2-135M-Instruct: tokens/s at batch 1 and batch 8, fp32 weights and, where
+this CPU has native bf16 matmul (AVX-512-BF16 or AMX), bf16 weights (``--dtypes`` asks for
+either explicitly; emulated bf16 on an AVX2-only CPU is slow to measure and never the fast path),
 for ``model.generate`` (greedy, dynamic cache: the baseline), chatforge's generic decoder
 (``Engine(fast=False)``: the model's own forward + our loop), the fast Llama decoder with the
 C kernels forced on ("C kernels"), and chatforge's default engine (the fast decoder, which
@@ -20,6 +22,8 @@ memory bandwidth / weight bytes. Bandwidth is measured here by copying a 1 GiB t
 (reported as bytes copied per second, i.e. counting the read side only, and as read+write
 traffic) and by summing it (pure reads). The roofline column uses the copy rate.
 
+The header records the CPU model, its bf16-relevant flags and the precisions measured.
+
     .venv/bin/python bench/generate.py                   # ~3-5 min on 2 cores
     .venv/bin/python bench/generate.py --tokens 16 --repeats 1 --dtypes bf16   # smoke run
 """
@@ -32,6 +36,7 @@ import sys
 import time
 
 import torch
+from _sides import fast_precision, machine_header
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -50,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per sequence")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"],
+                   help="weight dtypes to measure (default: fp32, plus bf16 where this CPU has native bf16)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per cell (best is reported)")
     p.add_argument("--no-generic", action="store_true", help="skip the Engine(fast=False) column")
     return p.parse_args(argv)
@@ -120,6 +126,12 @@ def pick(decoder) -> str:
     return "C" if decoder._matvec_c else "C glue + torch GEMM"
 
 
+def default_dtypes() -> list[str]:
+    """fp32 always (the reference), bf16 where this CPU computes it natively: half the bytes
+    per token there; elsewhere an emulated path that no user should take."""
+    return ["fp32", "bf16"] if fast_precision() == "bf16" else ["fp32"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from chatforge.generate import kernels
@@ -127,6 +139,9 @@ def main(argv=None) -> int:
     from chatforge.generate.fast import FastLlamaDecoder
     from chatforge.models.load import load
 
+    args.dtypes = args.dtypes or default_dtypes()
+    print(machine_header(fast_precision(), label="fast precision") + f"; measuring {', '.join(args.dtypes)} weights",
+          flush=True)
     copy_gbs, read_gbs = bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, C kernel: "
           f"{'compiled' if kernels.load() else 'unavailable (torch fallback)'}")

@@ -1,7 +1,8 @@
 """PPO episodes/s and peak RSS: chatforge vs TRL 1.12 ``trl.experimental.ppo.PPOTrainer``.
 
-Same model (SmolLM2-135M-Instruct from the same folder, fp32 master weights, bf16 autocast
-on both), same prompts (hh-rlhf harmless-base prompts of at most ``--max-prompt`` tokens,
+Same model (SmolLM2-135M-Instruct from the same folder, fp32 master weights, the precision
+this CPU makes fast on both: bf16 autocast with native bf16 matmul, else fp32; ``--precision``),
+same prompts (hh-rlhf harmless-base prompts of at most ``--max-prompt`` tokens,
 ``steps * batch`` of them, so each side sees every prompt once), same reward (a rule:
 ``length_target`` -- 0 at 20 words, falling to -1 -- which TRL gets as a tiny
 "sequence classifier" module, since it only takes reward *models*), same batch (one
@@ -40,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _sides import report_result, run_side
+from _sides import add_precision_arg, fast_precision, machine_header, report_result, run_side
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
 TRL_PYTHON = os.environ.get("TRL_PYTHON", "/work/venvs/trl112/bin/python")
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="PPO epochs per step")
     p.add_argument("--max-prompt", type=int, default=128, help="only prompts up to this many tokens (no truncation)")
     p.add_argument("--layout", choices=["lora", "full", "both"], default="both")
+    add_precision_arg(p)
     p.add_argument("--side", choices=["both", "chatforge", "trl"], default="both")
     p.add_argument("--data", default=str(HH))
     p.add_argument("--trl-python", default=TRL_PYTHON)
@@ -102,7 +104,7 @@ def prepare(args, workdir: Path) -> dict:
     write_jsonl([Prompt(p) for p in prompts], workdir / "prompts.jsonl")
     return {"model_dir": str(smollm2_dir()), "prompts_file": str(workdir / "prompts.jsonl"), "prompt_ids": ids,
             "steps": args.steps, "batch": args.batch, "response_len": args.response_len, "epochs": args.epochs,
-            "workdir": str(workdir), "eos_id": tok.eos_token_id}
+            "workdir": str(workdir), "eos_id": tok.eos_token_id, "precision": args.precision}
 
 
 def run_child(python: str, side: str, spec_path: Path) -> dict:
@@ -118,6 +120,8 @@ def main(argv=None) -> int:
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         report_result(res)
         return 0
+    args.precision = fast_precision(args.precision)  # the children get the resolved one
+    print(machine_header(args.precision), flush=True)
     layouts = ["lora", "full"] if args.layout == "both" else [args.layout]
     sides = ["chatforge", "trl"] if args.side == "both" else [args.side]
     if "trl" in sides and not Path(args.trl_python).exists():
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
         base = prepare(args, Path(tmp))
         print(f"PPO bench: SmolLM2-135M, {args.steps} steps x {args.batch} episodes, response <= {args.response_len} "
-              f"tokens, {args.epochs} PPO epochs, prompts <= {args.max_prompt} tokens (hh-rlhf)")
+              f"tokens, {args.epochs} PPO epochs, prompts <= {args.max_prompt} tokens (hh-rlhf), {args.precision}")
         table = []
         for layout in layouts:
             spec = dict(base, layout=layout)
@@ -165,7 +169,8 @@ def child_chatforge(spec: dict) -> dict:
         "max_steps": spec["steps"], "rollout_batch": spec["batch"], "batch_size": spec["batch"], "grad_accum": 1,
         "response_len": spec["response_len"], "ppo_epochs": spec["epochs"], "max_prompt_len": 100_000,
         "temperature": 1.0, "kl_coef": 0.05, "kl_estimator": "k1", "clip": 0.2, "vf_clip": 0.2, "vf_coef": 0.1,
-        "eval_fraction": 0.0, "final_eval": False, "save_every": 10_000, "sample_every": 10_000, "seed": 0})
+        "eval_fraction": 0.0, "final_eval": False, "save_every": 10_000, "sample_every": 10_000, "seed": 0,
+        "precision": spec["precision"]})
     train(cfg, overwrite=True, reward_fns=[rule_reward])
     s = json.loads((out / "summary.json").read_text())
     rows = read_metrics(out / "metrics.jsonl")
@@ -227,7 +232,8 @@ def child_trl(spec: dict) -> dict:
         num_ppo_epochs=spec["epochs"], response_length=spec["response_len"], stop_token="eos", temperature=1.0,
         learning_rate=1e-4 if lora else 1e-5, kl_coef=0.05, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2,
         vf_coef=0.1, local_rollout_forward_batch_size=spec["batch"], num_sample_generations=0,
-        gradient_checkpointing=False, bf16=True, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+        gradient_checkpointing=False, bf16=spec["precision"] == "bf16", use_cpu=True, report_to=[], save_strategy="no",
+        logging_steps=1,
         seed=0, dataloader_num_workers=0, per_device_eval_batch_size=1, lr_scheduler_type="constant")
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=RuleRewardModel(),
                          train_dataset=ds, value_model=value, eval_dataset=ds.select(range(1)),

@@ -1,7 +1,8 @@
 """Reward-model step time and peak RSS: chatforge vs TRL ``RewardTrainer``, side by side, one run.
 
-Same model (SmolLM2-135M-Instruct + a 1-output linear head, fp32 master weights, bf16
-autocast set explicitly on both), same data (hh-rlhf harmless-base pairs whose two sides fit
+Same model (SmolLM2-135M-Instruct + a 1-output linear head, fp32 master weights, the
+precision this CPU makes fast set explicitly on both: bf16 autocast with native bf16 matmul,
+else fp32; ``--precision``), same data (hh-rlhf harmless-base pairs whose two sides fit
 ``--max-len`` untruncated, so both compute the same tokens; ``steps * batch`` of them, one
 epoch, so both see the same pairs), same batch / lr / constant schedule / steps, pairwise
 Bradley-Terry loss, gradient checkpointing set explicitly on both. Each side runs in its own
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from _sides import run_side, step_bench_main
+from _sides import add_precision_arg, run_side, step_bench_main
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
 
@@ -34,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--lora", action="store_true", help="LoRA (r=16, all linear layers) on both sides")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on both sides")
+    add_precision_arg(p)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--data", default=str(HH))
     p.add_argument("--side", choices=["both", "chatforge", "trl"], default="both")
@@ -80,7 +82,7 @@ def run_chatforge(args, workdir: Path) -> dict:
 
     cfg = RMConfig(model="smollm2", data=[str(workdir / "pairs.jsonl")], out=str(workdir / "cf-run"),
                    loss="pairwise", max_steps=args.steps, batch_size=args.batch, grad_accum=1, max_len=args.max_len,
-                   lr=args.lr, warmup_steps=0, schedule="constant", precision="bf16",
+                   lr=args.lr, warmup_steps=0, schedule="constant", precision=args.precision,
                    gradient_checkpointing=args.grad_ckpt, lora=args.lora, eval_fraction=0.0, log_every=1,
                    eval_every=10**9, save_every=10**9)
     cfg.validate()
@@ -115,7 +117,8 @@ def run_trl(args, workdir: Path) -> dict:
 
     cfg = RewardConfig(output_dir=str(workdir / "trl-run"), per_device_train_batch_size=args.batch,
                        gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=args.lr, warmup_steps=0,
-                       lr_scheduler_type="constant", bf16=True, gradient_checkpointing=args.grad_ckpt,
+                       lr_scheduler_type="constant", bf16=args.precision == "bf16",
+                       gradient_checkpointing=args.grad_ckpt,
                        max_length=args.max_len, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                        dataloader_num_workers=0, seed=0, model_init_kwargs={"dtype": torch.float32},
                        disable_tqdm=True)
@@ -137,7 +140,8 @@ def run_trl(args, workdir: Path) -> dict:
 # ---------------------------------------------------------------- report (parent)
 def child(side: str, args, workdir: Path) -> dict:
     cmd = [__file__, "--child", side, "--workdir", str(workdir), "--steps", str(args.steps),
-           "--batch", str(args.batch), "--max-len", str(args.max_len), "--lr", str(args.lr)]
+           "--batch", str(args.batch), "--max-len", str(args.max_len), "--lr", str(args.lr),
+           "--precision", args.precision]
     cmd += ["--lora"] * args.lora + ["--grad-ckpt"] * args.grad_ckpt
     return run_side(cmd, 0)
 

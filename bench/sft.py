@@ -3,7 +3,8 @@
 Same model (SmolLM2-135M-Instruct, the folder ``load("smollm2")`` converts to), same data
 (Malay alpaca records from ../shared/data that fit ``--max-len`` untruncated; a synthetic
 set when that folder is absent), same row length (256), batch (4 rows, no accumulation),
-precision (bf16 -- ``bf16=True`` in TRL's config), gradient checkpointing (off on both,
+precision (the one this CPU makes fast: bf16 where it has native bf16 matmul -- ``bf16=True``
+in TRL's config --, fp32 elsewhere; ``--precision`` overrides), gradient checkpointing (off on both,
 set explicitly), steps, lr and constant schedule. Both sides pack examples into rows with
 a block-diagonal attention (chatforge: 4 rows of 256 with per-example position ids; TRL:
 its default ``bfd`` packing, which flattens the batch padding-free) and both put the loss
@@ -12,7 +13,8 @@ applies). Each side runs in its own subprocess, so peak RSS is its own.
 
 Printed: tokens/s (real, non-pad tokens over the steady steps -- the first ``--warmup``
 steps are oneDNN/allocator warm-up and are left out), the ratio, peak RSS, and chatforge's
-share of this machine's bf16 matmul peak, measured here first with a large bf16 matmul.
+share of this machine's matmul peak in that precision, measured here first (about 2 s, bounded
+by time). The header records the CPU model and its bf16-relevant flags.
 Every figure comes per wall second and per CPU second of the side's process: on a
 shared machine wall time measures the neighbours, CPU time (best with ``--threads 1``,
 where no OpenMP thread spins waiting for a descheduled sibling) still measures the work.
@@ -41,7 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _sides import print_columns, report_result, run_side
+from _sides import (add_precision_arg, fast_precision, machine_header, matmul_peak, print_columns, report_result,
+                    run_side)
 
 MALAY = Path(__file__).resolve().parents[2] / "shared" / "data" / "mychatgpt" / "stanford" / "malay.json"
 
@@ -54,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--lora", action="store_true", help="LoRA (r=16, all linear layers) on both sides")
+    add_precision_arg(p)
     p.add_argument("--trl-packing", choices=["bfd", "wrapped", "off"], default="bfd",
                    help="TRL's packing (off = pad each batch to its longest example)")
     p.add_argument("--variant", nargs="*", default=[], metavar="key=value", help="chatforge SFTConfig overrides")
@@ -68,24 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- peak and FLOPs (parent)
-def bf16_matmul_peak(n: int = 4096, reps: int = 6, trials: int = 3) -> tuple[float, float]:
-    """Best sustained bf16 GFLOP/s of an n x n matmul here: per wall second (all threads
-    torch uses) and per CPU second (one core's peak; robust when the machine is shared)."""
-    import torch
-
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    a @ b
-    wall = cpu = 0.0
-    for _ in range(trials):
-        t, c = time.perf_counter(), time.process_time()
-        for _ in range(reps):
-            a @ b
-        flops = 2 * n ** 3 * reps / 1e9
-        wall = max(wall, flops / (time.perf_counter() - t))
-        cpu = max(cpu, flops / (time.process_time() - c))
-    return wall, cpu
-
-
 def model_shape() -> dict:
     from transformers import AutoConfig
 
@@ -149,7 +135,7 @@ def run_chatforge(args, workdir: Path) -> dict:
 
     over = dict(model="smollm2", data=[str(workdir / "chats.jsonl")], out=str(workdir / "cf-run"),
                 max_steps=args.steps, batch_size=args.batch, grad_accum=1, max_len=args.max_len, lr=args.lr,
-                warmup_steps=0, schedule="constant", precision="bf16", gradient_checkpointing=False,
+                warmup_steps=0, schedule="constant", precision=args.precision, gradient_checkpointing=False,
                 lora=args.lora, pack=True, eval_fraction=0.0, eval_before=False, log_every=1,
                 eval_every=10 ** 9, save_every=10 ** 9)
     from chatforge.config import deep_merge, parse_overrides
@@ -194,7 +180,7 @@ def run_trl(args, workdir: Path) -> dict:
     packing = args.trl_packing != "off"
     cfg = SFTConfig(output_dir=str(workdir / "trl-run"), per_device_train_batch_size=args.batch,
                     gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=args.lr, warmup_steps=0,
-                    lr_scheduler_type="constant", bf16=True, gradient_checkpointing=False,
+                    lr_scheduler_type="constant", bf16=args.precision == "bf16", gradient_checkpointing=False,
                     max_length=args.max_len, packing=packing,
                     packing_strategy=args.trl_packing if packing else "bfd", logging_steps=1, save_strategy="no",
                     report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0,
@@ -238,7 +224,7 @@ def run_profile(args, workdir: Path) -> dict:
     cfg = load_config(SFTConfig, overrides=dict(
         model="smollm2", data=[str(workdir / "chats.jsonl")], out=str(workdir / "prof-run"),
         max_steps=args.warmup + 1, batch_size=args.batch, grad_accum=1, max_len=args.max_len, lr=args.lr,
-        precision="bf16", lora=args.lora, eval_fraction=0.0, eval_before=False, save_every=10 ** 9,
+        precision=args.precision, lora=args.lora, eval_fraction=0.0, eval_before=False, save_every=10 ** 9,
         eval_every=10 ** 9, warmup_steps=0))
     train_sft(cfg, overwrite=True, on_step=on_step)
     return {"table": table.get("text", "")}
@@ -248,7 +234,8 @@ def run_profile(args, workdir: Path) -> dict:
 def child(side: str, args, workdir: Path) -> dict:
     cmd = [__file__, "--child", side, "--workdir", str(workdir), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-len", str(args.max_len),
-           "--lr", str(args.lr), "--trl-packing", args.trl_packing, "--threads", str(args.threads)]
+           "--lr", str(args.lr), "--trl-packing", args.trl_packing, "--threads", str(args.threads),
+           "--precision", args.precision]
     cmd += ["--lora"] * args.lora + (["--variant", *args.variant] if args.variant else [])
     return run_side(cmd, args.threads)
 
@@ -270,7 +257,9 @@ def main(argv=None) -> int:
         fn = {"chatforge": run_chatforge, "trl": run_trl, "profile": run_profile}[args.child]
         report_result(fn(args, Path(args.workdir)))
         return 0
-    peak, peak_cpu = bf16_matmul_peak()
+    args.precision = fast_precision(args.precision)  # the children get the resolved one
+    print(machine_header(args.precision), flush=True)
+    peak, peak_cpu, peak_n = matmul_peak(args.precision)
     shape = model_shape()
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
         workdir = Path(tmp)
@@ -279,7 +268,7 @@ def main(argv=None) -> int:
         res = {s: child(s, args, workdir) for s in sides}
         prof = child("profile", args, workdir) if args.profile else None
     mode = "LoRA r=16" if args.lora else "full fine-tuning"
-    print(f"\nSFT, SmolLM2-135M ({shape['params'] / 1e6:.1f}M params), {mode}, bf16, grad ckpt off, "
+    print(f"\nSFT, SmolLM2-135M ({shape['params'] / 1e6:.1f}M params), {mode}, {args.precision}, grad ckpt off, "
           f"{args.steps} steps x {args.batch} rows x {args.max_len} tokens (first {args.warmup} left out), "
           f"{info['records']} {info['source']} records (mean {info['mean_len']:.0f} tokens, "
           f"{info['label_share']:.0%} labelled), TRL packing {args.trl_packing}, {os.cpu_count()} CPU cores")
@@ -287,8 +276,8 @@ def main(argv=None) -> int:
         print(f"chatforge variant: {' '.join(args.variant)}")
     import torch
 
-    print(f"bf16 matmul peak here: {peak:.0f} GFLOP/s with {torch.get_num_threads()} threads, "
-          f"{peak_cpu:.0f} GFLOP per CPU-second")
+    print(f"{args.precision} matmul peak here ({peak_n}^3, ~2 s): {peak:.0f} GFLOP/s with {torch.get_num_threads()} "
+          f"threads, {peak_cpu:.0f} GFLOP per CPU-second")
     table, tps, tpc = {}, {}, {}
     fpt = flops_per_token(shape, args.max_len)
     # LoRA skips the frozen weights' gradient matmuls: 4N instead of 6N (approximately)

@@ -430,27 +430,113 @@ def test_fused_layers_equal_the_per_op_path(dtype, bias):
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
 
 
+class CountingKernels:
+    """The compiled kernels with a count of the calls of each one (what a decode step ran)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, {}
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*a, **k):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return attr(*a, **k)
+
+        return counted
+
+
+def test_kernels_pay_off_follows_the_clock(monkeypatch):
+    """The verdict is the measurement's: C wins when its matrix products took less time than
+    ``F.linear``'s, loses otherwise, the first (warm-up) try does not count, and the verdict is
+    kept per (dtype, batch, shapes) for the process. A fake clock that only the two sides
+    advance makes this exact."""
+    from chatforge.generate import fast
+
+    clock = [0.0]
+    real_linear = torch.nn.functional.linear
+
+    def side(costs: list[float]):
+        """A ``linear`` that advances the clock by the next cost (the last one repeats)."""
+        def linear(x, w, *a):
+            clock[0] += costs.pop(0) if len(costs) > 1 else costs[0]
+            return real_linear(x, w)
+        return linear
+
+    def verdict(c_costs: list[float], torch_costs: list[float], batch: int) -> bool:
+        with monkeypatch.context() as m:
+            m.setattr(fast, "F", types.SimpleNamespace(linear=side(torch_costs)))
+            return fast.kernels_pay_off(types.SimpleNamespace(linear=side(c_costs)), weights, batch)
+
+    monkeypatch.setattr(fast, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(fast, "_PAYS_OFF", {})
+    weights = [torch.randn(8, 4), torch.randn(6, 4)]
+    assert verdict([1.0], [2.0], batch=1) is True
+    assert verdict([2.0], [1.0], batch=2) is False
+    assert verdict([100.0, 100.0, 1.0], [2.0], batch=3) is True  # a slow first try is warm-up, left out
+    assert verdict([2.0], [1.0], batch=1) is True  # measured once per process: the batch-1 verdict stays
+    assert set(fast._PAYS_OFF) == {(torch.float32, b, ((8, 4), (6, 4))) for b in (1, 2, 3)}
+
+
 def test_auto_kernels_follow_the_measurement(monkeypatch):
-    """"auto" runs the C kernels only where they measured faster than PyTorch on this machine
-    (they lose to oneDNN on some CPUs); CHATFORGE_KERNELS=1 forces them."""
+    """"auto" runs the C matrix products only where they measured faster than PyTorch on this
+    machine (they lose to oneDNN on some CPUs), the C glue ops either way; CHATFORGE_KERNELS=1
+    forces them. Checked by what a decode step calls, and both ways give the same logits."""
     from chatforge.generate import fast, kernels
 
     if kernels.load() is None:
         pytest.skip("no C compiler: the engine falls back to PyTorch")
+    monkeypatch.delenv("CHATFORGE_KERNELS", raising=False)
     model = spicy_tiny().eval()
-    for verdict in (True, False):
-        monkeypatch.setattr(fast, "kernels_pay_off", lambda *a, v=verdict, **k: v)
+    n_layers = len(model.model.layers)
+
+    def one_step() -> tuple[fast.FastLlamaDecoder, dict, torch.Tensor]:
         dec = fast.FastLlamaDecoder(model)
         with torch.inference_mode():
-            dec.prefill([[5, 9, 23]], 0, 4)
-        assert (dec._fused is not None) is verdict and dec._matvec_c is verdict
-        assert dec._kernels_ok  # the per-layer glue stays in C either way
-    monkeypatch.setenv("CHATFORGE_KERNELS", "1")
-    dec = fast.FastLlamaDecoder(model)
-    with torch.inference_mode():
-        dec.prefill([[5, 9, 23]], 0, 4)
-    assert dec._fused is not None
-    monkeypatch.undo()
-    weights = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
-    assert isinstance(fast.kernels_pay_off(kernels.load(), weights, 2), bool)
-    assert (weights[0].dtype, 2, tuple(tuple(w.shape) for w in weights)) in fast._PAYS_OFF
+            first = dec.prefill([[5, 9, 23]], 0, 4)
+            dec.kernels = spy = CountingKernels(dec.kernels)
+            return dec, spy.calls, dec.step(first.argmax(-1))
+
+    logits = {}
+    for c_wins in (True, False):
+        monkeypatch.setattr(fast, "kernels_pay_off", lambda *a, v=c_wins, **k: v)
+        dec, calls, logits[c_wins] = one_step()
+        assert dec._kernels_ok and dec._matvec_c is c_wins
+        if c_wins:  # all layers in one C call, the LM head through the C matrix product
+            assert calls.get("layers") == 1 and calls.get("linear", 0) >= 1
+        else:  # per-layer C glue, every matrix product in PyTorch
+            assert "layers" not in calls and "linear" not in calls
+            assert calls.get("attention") == calls.get("rope_store") == calls.get("silu_mul") == n_layers
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+
+    monkeypatch.setenv("CHATFORGE_KERNELS", "1")  # the measurement (still "PyTorch wins") is not asked
+    dec, calls, _ = one_step()
+    assert dec._fused is not None and calls.get("layers") == 1
+
+
+def test_kernel_cache_is_keyed_by_source_flags_compiler_and_cpu(monkeypatch, tmp_path):
+    """A changed C source, flag, compiler or target CPU names another library file, so a stale
+    build (or one made for another CPU, which would die with an illegal instruction) is never
+    loaded; the same inputs name the same file (built once, then reused)."""
+    from chatforge.generate import kernels
+
+    cc = kernels._compiler()
+    if cc is None:
+        pytest.skip("no C compiler: the engine falls back to PyTorch")
+    monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path))
+    base = kernels.library_path(cc)
+    assert base.parent == tmp_path / "kernels" and base == kernels.library_path(cc)
+    assert "__VERSION__" in kernels._target(cc)  # the compiler's version is in the key
+    variants = []
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "SOURCE", kernels.SOURCE + "\n/* edited */\n")
+        variants.append(kernels.library_path(cc))
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "FLAGS", [f for f in kernels.FLAGS if f != "-ffp-contract=off"])
+        variants.append(kernels.library_path(cc))
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "_target", lambda c: "#define __AVX2__ 1")  # another CPU behind -march=native
+        variants.append(kernels.library_path(cc))
+    assert len({base, *variants}) == 4

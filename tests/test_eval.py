@@ -281,7 +281,7 @@ def tiny_runs(tmp_path_factory):
     from chatforge.data.records import Conversation, write_jsonl
     from chatforge.models.tiny import tiny_model, tiny_tokenizer
     from chatforge.runs import Run, atomic_write_text
-    from chatforge.train.core import save_model
+    from chatforge.models.save import save_model
 
     root = tmp_path_factory.mktemp("pipe")
     tok = tiny_tokenizer()
@@ -429,23 +429,41 @@ def test_cli_eval(tiny_runs, capsys):
 
 
 def test_judge_speaks_to_our_own_server():
-    """The request the judge sends is one `chatforge serve` accepts (a tiny model's verdict is
-    noise, so only the protocol and the outcome's range are checked)."""
+    """The request the judge sends is one `chatforge serve` accepts, and the judge reads the
+    server's reply. The served tiny model is steered to say " a a a ..." whatever it is asked
+    (a random model's verdict would be noise), so the verdict is "A" in both orders: a
+    position bias, which must come out as a tie."""
     from chatforge.chat.server import make_server
-    from chatforge.eval.judge import Judge
+    from chatforge.eval.judge import SYSTEM, Judge
     from chatforge.generate.engine import Engine
-    from chatforge.models.tiny import tiny_model, tiny_tokenizer
+    from chatforge.models.tiny import steer, tiny_model, tiny_tokenizer
 
-    srv = make_server(Engine(tiny_model(), tiny_tokenizer()), "tiny", port=0, default_max_tokens=16)
+    tok = tiny_tokenizer()
+    (say_a,) = tok.encode(" a", add_special_tokens=False)
+    never = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    seen: list[tuple[str, object]] = []
+
+    class Recording(Engine):
+        def generate(self, prompts, cfg, *a, **k):
+            seen.extend((self.tokenizer.decode(p), cfg) for p in prompts)
+            return super().generate(prompts, cfg, *a, **k)
+
+    eng = Recording(steer(tiny_model(), prefer=[say_a], never=never).eval(), tok)
+    srv = make_server(eng, "tiny", port=0, default_max_tokens=16)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
         j = Judge(f"http://127.0.0.1:{srv.server_address[1]}/v1", "tiny", timeout=60, retries=0)
-        outcome, verdicts = j.compare("What colour is the sky?", "It is blue.", "It is green.")
-        assert outcome in (0.0, 0.5, 1.0) and len(verdicts) == 2 and j.calls == 2
+        assert j.compare("What colour is the sky?", "It is blue.", "It is green.") == (0.5, ["A", "A"])
+        assert j.calls == 2
     finally:
         srv.shutdown()
         srv.server_close()
+    assert len(seen) == 2
+    for (text, cfg), (a, b) in zip(seen, [("It is blue.", "It is green."), ("It is green.", "It is blue.")]):
+        assert text.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>") and "What colour is the sky?" in text
+        assert f"[Answer A]\n{a}\n\n[Answer B]\n{b}" in text  # both orders, candidate first
+        assert cfg.temperature == 0 and cfg.max_new_tokens == 8
 
 
 def test_token_loop_catches_what_words_miss():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from chatforge.chat.server import make_server
-from chatforge.generate.engine import Engine
-from chatforge.models.tiny import tiny_model, tiny_tokenizer
+from chatforge.generate.engine import Engine, SamplingConfig
+from chatforge.models.tiny import steer, tiny_model, tiny_tokenizer, word_token_ids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,6 +119,87 @@ def test_streaming_n_choices(server):
     assert finished == {0, 1, 2}
     ref = chat(server, max_tokens=4, n=3, seed=2)[1]["choices"]
     assert [texts[i] for i in range(3)] == [c["message"]["content"] for c in ref]
+
+
+class GatedEngine(Engine):
+    """An engine that, after its first non-empty text delta, waits until the test's client
+    says it has read that delta (``client_saw_text``) before decoding on. A server that
+    buffered the reply could not deliver the delta before decoding ends, so the wait would
+    time out: ``released_by_client`` tells which happened."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.client_saw_text = threading.Event()
+        self.finished = threading.Event()
+        self.released_by_client: bool | None = None
+
+    def generate(self, prompts, cfg=None, on_delta=None):
+        def gated(i: int, delta: str) -> None:
+            on_delta(i, delta)  # the server writes and flushes the chunk
+            if delta and self.released_by_client is None:
+                self.released_by_client = self.client_saw_text.wait(timeout=60)
+
+        try:
+            return super().generate(prompts, cfg, gated if on_delta is not None else None)
+        finally:
+            self.finished.set()
+
+
+def read_sse(resp: http.client.HTTPResponse, on_first_text) -> list[dict | None]:
+    """The chunks of an SSE response as they arrive (None for ``[DONE]``); ``on_first_text()``
+    is called when the first chunk with content text has been read, before reading on."""
+    chunks: list[dict | None] = []
+    seen_text = False
+    while line := resp.readline():
+        if not line.startswith(b"data: "):
+            continue
+        data = line[len(b"data: "):].strip()
+        chunks.append(None if data == b"[DONE]" else json.loads(data))
+        if not seen_text and chunks[-1] and any(c["delta"].get("content") for c in chunks[-1]["choices"]):
+            seen_text = True
+            on_first_text()
+    return chunks
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_streaming_is_incremental(n):
+    """The first text chunk reaches the client while the engine is still decoding (held right
+    after its first delta), and the rest of the reply follows it. Ordering, not timing: a
+    server that buffered the whole reply fails here."""
+    tok = tiny_tokenizer()
+    never = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    eng = GatedEngine(steer(tiny_model(), prefer=word_token_ids(tok), never=never).eval(), tok)
+    srv = make_server(eng, "tiny", port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    still_decoding = []
+    try:
+        conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=120)
+        body = {"messages": [{"role": "user", "content": "Hello there"}], "stream": True, "max_tokens": 48, "n": n,
+                "temperature": 0}
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+
+        def first_text() -> None:
+            still_decoding.append(not eng.finished.is_set())
+            eng.client_saw_text.set()
+
+        chunks = read_sse(resp, first_text)
+        conn.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert still_decoding == [True] and eng.released_by_client is True
+    assert chunks[-1] is None  # [DONE]
+    deltas = [(c["index"], c["delta"]["content"]) for ch in chunks[:-1] for c in ch["choices"]
+              if c["delta"].get("content")]
+    assert len(deltas) > n  # more text followed the first chunk, after the engine was let go
+    finals = [c["finish_reason"] for ch in chunks[:-1] for c in ch["choices"] if c["finish_reason"]]
+    assert finals == ["length"] * n
+    texts = ["".join(d for i, d in deltas if i == k) for k in range(n)]
+    ref = Engine(eng.model, tok).generate([eng.encode_chat(body["messages"])] * n,
+                                          eng.chat_config(SamplingConfig(temperature=0, max_new_tokens=48)))
+    assert texts == [c.text for c in ref]
 
 
 @pytest.mark.parametrize("body, param", [

@@ -131,8 +131,21 @@ def test_every_shared_file_is_listed_here():
     assert set(data_files()) == set(EXPECTED)
 
 
-def test_english_alpaca_parts_sum_to_52002():
-    assert sum(b - a for a, b in EN) == 52002
+def test_english_alpaca_parts_are_the_whole_52002_records(inspected):
+    """The parts on disk are the ranges listed in EN, they tile 0..52002 without gap or overlap,
+    and each file holds exactly its range's records, as the README's table says."""
+    folder = "alpaca_chinese_dataset/english_original"
+    on_disk = sorted(tuple(map(int, m.groups())) for p in (DATA / folder).iterdir()
+                     if (m := re.fullmatch(r"alpaca_data-(\d+)-(\d+)-en\.json", p.name)))
+    assert on_disk == sorted(EN)
+    assert on_disk[0][0] == 0 and on_disk[-1][1] == 52002
+    assert all(b == c for (_, b), (c, _) in zip(on_disk, on_disk[1:]))  # contiguous
+    got = {(a, b): inspected[f"{folder}/alpaca_data-{a}-{b}-en.json"]["records"] for a, b in on_disk}
+    assert got == {(a, b): b - a for a, b in on_disk}
+    readme = (DATA / "README.md").read_text(encoding="utf-8")
+    table = {(int(a), int(b)): int(n.replace(",", "")) for a, b, n in
+             re.findall(r"\| `alpaca_data-(\d+)-(\d+)-en\.json` \| [\d,]+ \| ([\d,]+) \|", readme)}
+    assert table == got and sum(got.values()) == 52002
 
 
 @pytest.mark.parametrize("name", [k for k, v in EXPECTED.items() if v is not None])

@@ -17,7 +17,8 @@ kernel) otherwise dominates a 135M model's step. They round every intermediate r
 the storage dtype exactly where PyTorch does, so bf16 results stay close to ``transformers``.
 
 It is compiled on first use with the system C compiler (``cc -O3 -march=native -fopenmp``,
-about a second) into ``~/.cache/chatforge/kernels/`` and loaded with ctypes. It links the
+about a second) into ``~/.cache/chatforge/kernels/`` under a hash of the source, the flags, the
+compiler and the CPU (:func:`cache_key`), and loaded with ctypes. It links the
 OpenMP runtime by soname, so it shares PyTorch's thread pool (``torch.set_num_threads``
 applies). No compiler, or ``CHATFORGE_KERNELS=0``: :func:`load` returns None and the engine
 uses ``torch.nn.functional.linear``.
@@ -253,11 +254,35 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str) -> Path:
+def _target(cc: str) -> str:
+    """What the flags mean to this compiler on this CPU: its predefined macros under ``FLAGS``
+    (``__VERSION__``, and what ``-march=native`` resolved to: ``__AVX2__``, ``__AVX512F__``,
+    ``__AVX512BF16__``, ``__znver4__``, ...). Part of the cache key because the library is built
+    for the CPU it was built on while the cache folder can outlive that CPU (a home directory
+    shared between hosts, a container moved to another machine): a library built with
+    AVX-512 loaded on an AVX2-only CPU dies on its first call with an illegal instruction."""
+    r = subprocess.run([cc, *FLAGS, "-dM", "-E", "-x", "c", "-"], input="", capture_output=True, text=True,
+                       check=True, timeout=60)
+    return "\n".join(sorted(r.stdout.splitlines()))
+
+
+def cache_key(cc: str) -> str:
+    """sha256 of everything that decides the compiled library's bytes: the C source, the flags,
+    the compiler (its resolved path; its version is in :func:`_target`) and the target CPU.
+    A changed source, flag, compiler or CPU gets a new file name, never a stale library."""
+    parts = [SOURCE, *FLAGS, shutil.which(cc) or cc, platform.machine(), _target(cc)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def library_path(cc: str) -> Path:
+    """Where the library for :func:`cache_key` lives (``CHATFORGE_CACHE``/kernels)."""
     from chatforge.models.load import cache_dir
 
-    key = hashlib.sha1("\0".join([SOURCE, cc, *FLAGS, platform.machine(), platform.node()]).encode()).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"decode-{key}.so"
+    return cache_dir() / "kernels" / f"decode-{cache_key(cc)[:32]}.so"
+
+
+def _build(cc: str) -> Path:
+    out = library_path(cc)
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

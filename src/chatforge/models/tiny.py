@@ -10,6 +10,8 @@ prompt), so template-dependent code paths are exercised exactly as on the real m
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Iterable
 
 import torch
 
@@ -104,6 +106,47 @@ def tiny_model(seed: int = 0, **config_kw):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
     model.generation_config = GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+    return model
+
+
+def word_token_ids(tok) -> list[int]:
+    """Ids of the tokens that decode to ASCII letters (optionally after one space): text made
+    of them is printable, never blank, and contains no markup."""
+    return [i for i in range(len(tok)) if re.fullmatch(r" ?[A-Za-z]+", tok.decode([i]))]
+
+
+def steer(model, prefer: Iterable[int] = (), never: Iterable[int] = (), margin: float = 5.0):
+    """Edit a tiny model in place so that the *kind* of token it picks is fixed by construction:
+    a token in ``prefer`` beats every other one by ~``8 * margin`` logits, a token in ``never``
+    loses to all others by ~80, whatever the context. Returns ``model``.
+
+    Why: a random micro model's logits differ by ~1e-3, so whether it says a letter, a newline
+    or half a UTF-8 character depends on the CPU's rounding (bf16 or fp32, AVX2 or AVX-512).
+    A test that needs a printable, a non-empty or an endless reply gets it from here, never
+    from the random weights. Among the preferred tokens the random weights still decide, so
+    the reply still depends on the prompt.
+
+    How: dimension 0 of the residual stream becomes a constant: every embedding holds a
+    positive number there and no layer writes to it (row 0 of every ``o_proj`` and
+    ``down_proj`` is zeroed). It dominates the final RMSNorm, so it reaches the tied LM head
+    as ~sqrt(hidden) at every position, and token v's logit gains sqrt(hidden) * E[v, 0]:
+    10 for most tokens, 10 + ``margin`` for ``prefer``, 0 for ``never``. (Right after a
+    ``never`` token as *input* that dimension is 0, and that one step is the random model's;
+    chat prompts end with the generation prompt's newline.)
+    """
+    emb = model.get_input_embeddings().weight
+    if model.get_output_embeddings().weight is not emb:
+        raise ValueError("steer() needs tied input / output embeddings (the tiny model's)")
+    with torch.no_grad():
+        emb[:, 0] = 10.0
+        emb[torch.tensor(list(prefer), dtype=torch.long), 0] = 10.0 + margin
+        emb[torch.tensor(list(never), dtype=torch.long), 0] = 0.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                if proj.bias is not None:
+                    proj.bias[0] = 0
     return model
 
 
