@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from chatforge.data.records import Conversation, Preference, Ranking, msg, write_jsonl
-from chatforge.models.heads import (RewardModel, last_token_index, load_reward_model, pad_batch,
+from chatforge.data.split import split_indices
+from chatforge.models.heads import (RewardModel, last_token_index, load_reward_model, load_scorer, pad_batch,
                                     position_ids_from_mask, reward_pad_token)
 from chatforge.models.tiny import tiny_model, tiny_tokenizer
 from chatforge.train.rm import (DataReport, RMConfig, build_groups, centering_penalty, expand_to_pairs,
-                                group_metrics, kwise_loss, listwise_loss, pairwise_loss, split_indices)
+                                group_metrics, kwise_loss, listwise_loss, pairwise_loss, train)
 
 
 def softplus(x: float) -> float:  # -log sigmoid(-x) == log(1 + e^x)
@@ -271,8 +272,6 @@ def tiny_cfg(tmp_path: Path, data: list[str], **kw) -> RMConfig:
 
 @pytest.mark.slow
 def test_tiny_rm_learns_marker_word(tmp_path):
-    from chatforge.train.rm import load_scorer, train
-
     data = tmp_path / "prefs.jsonl"
     write_jsonl(marker_prefs(200), data)
     cfg = tiny_cfg(tmp_path, [str(data)])
@@ -280,6 +279,7 @@ def test_tiny_rm_learns_marker_word(tmp_path):
     model_dir = train(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["eval_groups"] == 40 and summary["eval_acc"] > 0.95, summary
+    assert summary["eval_acc_before"] < 0.9  # the untrained head's evaluation at step 0
     assert (tmp_path / "run" / "accuracy.png").exists() and (tmp_path / "run" / "DONE").exists()
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert len(split["heldout"]) == 40
@@ -312,8 +312,6 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_continues_exactly(tmp_path):
     """2 steps + resume to 4 == 4 steps straight (constant lr, same data order)."""
-    from chatforge.train.rm import train
-
     data = tmp_path / "prefs.jsonl"
     write_jsonl(marker_prefs(40), data)
     kw = dict(max_steps=4, schedule="constant", warmup_steps=0, save_every=2, eval_every=1000, log_every=1,
@@ -329,6 +327,43 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     rows = [json.loads(l) for l in open(tmp_path / "b" / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_after_kill_matches_straight_run(tmp_path, lora):
+    data = tmp_path / "prefs.jsonl"
+    write_jsonl(marker_prefs(40), data)
+    kw = dict(max_steps=6, save_every=3, eval_every=2, log_every=1, grad_accum=2, batch_size=2, lora=lora,
+              lr=1e-2 if lora else 3e-3, schedule="cosine", warmup_steps=2, eval_fraction=0.25)
+    train(tiny_cfg(tmp_path / "straight", [str(data)], **kw))
+    seen: list[list[list[int]]] = []
+
+    def kill_at_3(step, model, idx):
+        seen.append(idx)
+        if step == 3:
+            raise Killed
+
+    cfg = tiny_cfg(tmp_path / "killed", [str(data)], **kw)
+    run = tmp_path / "killed" / "run"
+    with pytest.raises(Killed):
+        train(cfg, on_step=kill_at_3)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    assert len(seen) == 3 and all(len(ix) == 2 and all(len(mb) == 2 for mb in ix) for ix in seen)
+    train(cfg, resume=True)
+    a, b = _weights(tmp_path / "straight" / "run"), _weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert steps == sorted(steps) and steps[-1] == 6
+    # resuming a finished run changes nothing
+    mtime = (run / "summary.json").stat().st_mtime
+    train(cfg, resume=True)
+    assert (run / "summary.json").stat().st_mtime == mtime
 
 
 def test_cli_rm_kwise_then_score(tmp_path, capsys):

@@ -62,7 +62,8 @@ def _annotate(rec, scores: list[float]) -> dict:
 
 def run(args) -> int:
     from chatforge.errors import ConfigError
-    from chatforge.train.rm import group_metrics, load_scorer
+    from chatforge.models.heads import load_scorer
+    from chatforge.train.rm import group_metrics
 
     one_off = args.prompt is not None or args.response is not None
     if one_off and (args.prompt is None or args.response is None):

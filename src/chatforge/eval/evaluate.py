@@ -486,7 +486,7 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
 
 def _score_all(rm: str | Path, targets: list[Target], gen: dict, gkeys: dict, prompt_msgs: list, s: EvalSettings,
                cache: Cache, notes: list[str]) -> dict[str, list[float]]:
-    from chatforge.models.heads import load_reward_model, score_texts
+    from chatforge.models.heads import load_scorer
 
     rid = _rm_identity(Path(str(rm)))
     scores: dict[str, list[float]] = {}
@@ -498,17 +498,13 @@ def _score_all(rm: str | Path, targets: list[Target], gen: dict, gkeys: dict, pr
         else:
             todo.append(t)
     if todo:
-        model, tok = load_reward_model(rm, dtype=s.dtype)
-        if tok is None:
-            from chatforge.models.load import load_tokenizer
-
-            tok = load_tokenizer(todo[0].path)
+        scorer = load_scorer(rm, batch_size=s.batch_size, max_len=s.max_len, precision="fp32", dtype=s.dtype,
+                             tokenizer_from=todo[0].path)
         for t in todo:
             texts = [r["text"] for r in gen[t.label]["responses"]]
-            sc = score_texts(model, tok, prompt_msgs, texts, batch_size=s.batch_size, max_len=s.max_len,
-                             template=t.template)
+            sc = scorer.score(prompt_msgs, texts, template=t.template)
             scores[t.label] = cache.put("rm", key_of("rm", gkeys[t.label], rid), sc)
-        del model, tok
+        del scorer
         gc.collect()
     return scores
 

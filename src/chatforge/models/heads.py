@@ -1,4 +1,5 @@
-"""Scalar heads on a causal-LM backbone: the reward model (and, later, PPO's value head).
+"""Scalar heads on a causal-LM backbone: the reward model (and, later, PPO's value head),
+and :class:`RewardScorer`, the one way texts get a reward (training, RL, eval, commands).
 
 A reward model is the decoder of a causal LM (``model.model`` of a ``LlamaForCausalLM``,
 LoRA-adapted or not) plus ``ScalarHead``: one linear map from the hidden state to a number,
@@ -30,7 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -272,26 +273,6 @@ class RewardModel(nn.Module):
         }
         (out / RM_NOTE).write_text(json.dumps(note, indent=2) + "\n")
 
-    def load_checkpoint_weights(self, ckpt: str | Path) -> None:
-        """Resume hook used by :func:`chatforge.train.core.load_weights_into`: LoRA runs load
-        the adapter + head, full runs the whole model."""
-        from safetensors.torch import load_file
-
-        ckpt = Path(ckpt)
-        if self.is_lora:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.peft, load_file(str(ckpt / ADAPTER_DIR / "adapter_model.safetensors")))
-            self.score.proj.load_state_dict(load_file(str(ckpt / ADAPTER_DIR / HEAD_FILE)))
-            return
-        sd = load_file(str(ckpt / "model.safetensors"))
-        if "score.weight" in sd:
-            self.score.proj.weight.data.copy_(sd.pop("score.weight"))
-            self.model.load_state_dict({k[len("model."):]: v for k, v in sd.items()})
-        else:
-            self.model.load_state_dict(sd)
-            self.score.proj.load_state_dict(load_file(str(ckpt / HEAD_FILE)))
-
 
 # ---------------------------------------------------------------- tokenizer / loading
 def reward_pad_token(tokenizer) -> int:
@@ -436,16 +417,63 @@ def score_ids(rm: RewardModel, seqs: Sequence[Sequence[int]], pad_id: int, batch
     return out
 
 
+class RewardScorer:
+    """A reward model ready to score texts: ``scorer(prompts, responses) -> list[float]``.
+
+    The one text scorer of the project: PPO / RLOO rewards and their judge (train/rewards.py,
+    train/ppo.py), ``chatforge eval`` and ``chatforge score`` go through it. It tokenises with
+    the chat template and ``max_len`` the model was trained with (``reward_model.json``;
+    ``template`` / ``max_len`` override them) and scores length-sorted batches
+    (:func:`score_ids`). ``precision``: ``auto`` = bf16 autocast where the hardware makes it
+    fast, ``bf16``, or ``fp32`` = no autocast of its own (the caller's context applies).
+    """
+
+    def __init__(self, rm: RewardModel, tokenizer, batch_size: int = 8, max_len: int | None = None,
+                 template: str | None = None, precision: str = "auto"):
+        from chatforge.models.load import autocast_dtype
+
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision={precision!r}: expected auto, bf16 or fp32")
+        self.rm, self.tokenizer, self.batch_size = rm, tokenizer, batch_size
+        info = getattr(rm, "train_info", {}) or {}
+        self.max_len = max_len or int(info.get("max_len", 1024))
+        self.template = template or info.get("template", "auto")
+        dev = next(rm.parameters()).device
+        dt = autocast_dtype(dev) if precision == "auto" else {"bf16": torch.bfloat16, "fp32": None}[precision]
+        self.autocast = (lambda: torch.autocast(dev.type, dtype=dt)) if dt is not None else nullcontext
+
+    def score(self, prompts: Sequence[list[dict[str, str]]], responses: Sequence[str],
+              template: str | None = None) -> list[float]:
+        """One reward per (prompt messages, response text), in input order."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        tpl = template or self.template
+        seqs = [encode_for_reward(self.tokenizer, p, r, self.max_len, tpl)[0] for p, r in zip(prompts, responses)]
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with self.autocast():
+            return score_ids(self.rm, seqs, pad, self.batch_size)
+
+    __call__ = score
+
+
+def load_scorer(path_or_run: str | Path, batch_size: int = 8, max_len: int | None = None, precision: str = "auto",
+                dtype: str | torch.dtype = "fp32", device: str | None = None, onto: Any = None,
+                tokenizer_from: str | Path | None = None) -> RewardScorer:
+    """A :class:`RewardScorer` on a reward model (run folder or directory), see
+    :func:`load_reward_model` for ``onto``. The tokenizer is the RM directory's own, else
+    ``tokenizer_from``'s (default: ``path_or_run``)."""
+    from chatforge.models.load import load_tokenizer
+
+    rm, tok = load_reward_model(path_or_run, dtype=dtype, device=device, onto=onto)
+    if tok is None:
+        tok = load_tokenizer(tokenizer_from or path_or_run)
+    if onto is None:  # on a shared backbone the weights are the policy's: not ours to freeze
+        rm.requires_grad_(False)
+    return RewardScorer(rm, tok, batch_size, max_len, precision=precision)
+
+
 def score_texts(rm: RewardModel, tokenizer, prompts: Sequence[list[dict[str, str]]], responses: Sequence[str],
                 batch_size: int = 8, max_len: int | None = None, template: str | None = None) -> list[float]:
-    """One reward per (prompt messages, response text): the API PPO and eval call.
-
-    ``template`` / ``max_len`` default to what the reward model was trained with."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    info = getattr(rm, "train_info", {}) or {}
-    template = template or info.get("template", "auto")
-    max_len = max_len or int(info.get("max_len", 1024))
-    seqs = [encode_for_reward(tokenizer, p, r, max_len, template)[0] for p, r in zip(prompts, responses)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return score_ids(rm, seqs, pad, batch_size)
+    """:meth:`RewardScorer.score` without autocast of its own (kept for train/dpo.py's judge)."""
+    return RewardScorer(rm, tokenizer, batch_size, max_len, template, precision="fp32").score(prompts, responses)

@@ -129,22 +129,16 @@ class FunctionReward:
 
 
 class ModelReward:
-    """A chatforge reward model (``chatforge rm`` run), through the RM's scoring API
-    (its chat template, ``max_len``, bf16 autocast where fast). ``onto`` (``?share=true``)
-    loads a LoRA reward model as a second adapter of the policy's own frozen backbone: no
-    second copy of the weights -- valid only when the RM was trained on the same base."""
+    """A chatforge reward model (``chatforge rm`` run), through the one scorer
+    (:class:`~chatforge.models.heads.RewardScorer`: its chat template, ``max_len``, bf16
+    autocast where fast). ``onto`` (``?share=true``) loads a LoRA reward model as a second
+    adapter of the policy's own frozen backbone: no second copy of the weights -- valid only
+    when the RM was trained on the same base."""
 
     def __init__(self, path: str, batch_size: int = 8, onto: Any = None, name: str = "rm"):
-        from chatforge.train.rm import RewardScorer, load_scorer
+        from chatforge.models.heads import load_scorer
 
-        if onto is None:
-            self.scorer = load_scorer(path, batch_size=batch_size)
-        else:
-            from chatforge.models.heads import load_reward_model
-            from chatforge.models.load import load_tokenizer
-
-            rm, tok = load_reward_model(path, onto=onto)
-            self.scorer = RewardScorer(rm, tok if tok is not None else load_tokenizer(path), batch_size)
+        self.scorer = load_scorer(path, batch_size=batch_size, onto=onto)
         self.name = name
 
     def __call__(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:

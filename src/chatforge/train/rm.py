@@ -14,9 +14,13 @@ responses and identical ones (a tie) are reported and skipped; a ranking with ti
 is refused. Prompts are truncated from the left to ``max_len``, responses never: a pair
 whose response alone does not fit is skipped (and counted).
 
-Held-out split: by record, fixed seed (``eval_fraction``, 0.2): ``split.json`` (indices into
-the records as read, in file order), ``heldout.jsonl`` and ``train.jsonl`` (canonical
-records) are written into the run folder, so DPO / PPO / eval use exactly the same prompts.
+Held-out split: by record, fixed seed (``eval_fraction``, 0.2; :mod:`chatforge.data.split`):
+``split.json`` (indices into the records as read, in file order), ``heldout.jsonl`` and
+``train.jsonl`` (canonical records) are written into the run folder, so DPO / PPO / eval use
+exactly the same prompts.
+
+The step is in the open below (:func:`train`); set-up comes from :mod:`chatforge.train.core`,
+the loop (budget, cadence, checkpoints, exact resume) from :mod:`chatforge.train.loop`.
 
 Logged metrics (``metrics.jsonl``; train values averaged over ``log_every`` steps):
 
@@ -27,12 +31,15 @@ Logged metrics (``metrics.jsonl``; train values averaged over ``log_every`` step
 * ``eval_top1``, ``eval_tau``  rankings with K >= 3 only: share whose best response gets the
   highest reward; mean Kendall tau-a between the reward order and the human order
 * ``eval_loss``  the training loss on the held-out groups
+* ``lr``, ``grad_norm``, ``tokens_per_s``, ``step_time_s``, ``train_min`` (the loop's); the
+  curves go to ``accuracy.png``, the step-0 evaluation to ``summary.json`` as ``*_before``
 
-Periodic evaluations use the first ``max_eval_records`` held-out records; the final one all
-of them. ``max_minutes`` budgets *training* time (set-up and evaluation excluded), so runs
-with different losses compare at equal compute; ``budget_clock=cpu`` counts this process's
-CPU time divided by its threads instead of wall time -- what the run would take on an idle
-machine, so a budget means the same compute however busy a shared machine is.
+Evaluation runs on rank 0: before training (``eval_at_start``, the untrained head's chance
+baseline), every ``eval_every`` steps on the first ``max_eval_records`` held-out records, and
+at the end on all of them. ``max_minutes`` budgets *training* time as the loop counts it
+(:mod:`chatforge.train.loop`: the steps only; set-up, evaluation and checkpoints excluded),
+so runs with different losses compare at equal compute; ``budget_clock=cpu`` counts CPU time
+instead of wall time, the same compute however busy a shared machine is.
 
 Levers on a 2-core CPU: bf16 autocast (``precision``), length-sorted forward chunks
 (``forward_chunk``: padding is nearly half the compute of a random hh-rlhf batch), ``max_len`` (hh-rlhf dialogues are
@@ -44,22 +51,30 @@ lr; backward still runs through every layer), gradient checkpointing (memory onl
 from __future__ import annotations
 
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.config import check_range
 from chatforge.data.prefs import SkipReport, ordered_responses, where_of
 from chatforge.data.records import write_jsonl
+# moved: split_indices / read_records live in chatforge.data.split (train/dpo.py and tests/test_dpo.py
+# still import split_indices from here)
+from chatforge.data.split import read_records, split_indices, split_note
 from chatforge.errors import ConfigError, DataError
+from chatforge.models.heads import RewardModel, encode_for_reward, pad_batch, reward_pad_token, score_ids
+from chatforge.models.heads import RewardScorer, load_scorer  # noqa: F401  moved: to models/heads.py (train/ppo.py)
 from chatforge.runs import Run
 from chatforge.train import core
 from chatforge.train.core import TrainConfig
+from chatforge.train.loop import Checkpointer, Loop, finished, open_run
+
+PLOT_KEYS = ["acc", "eval_acc", "loss", "eval_loss", "margin", "eval_tau"]
 
 
 # ---------------------------------------------------------------- config
@@ -74,7 +89,6 @@ class RMConfig(TrainConfig):
     split_seed: int = -1            # seed of that split; -1 = `seed` (vary `seed` alone to re-run on the same split)
     max_eval_records: int = 200     # periodic evals use this many held-out records (0 = all); the final eval all
     eval_batch_size: int = 16       # sequences per no-grad forward
-    eval_at_start: bool = True      # evaluate the untrained head at step 0 (the chance baseline)
     forward_chunk: int = 2          # sequences per forward, length-sorted (less padding); 0 = all at once
     max_len: int = 512
     batch_size: int = 4             # groups per micro-batch: pairs (pairwise) or rankings (kwise/listwise)
@@ -82,8 +96,6 @@ class RMConfig(TrainConfig):
     lr: float = 0.0                 # 0 = auto: 1e-5 full fine-tuning, 1e-4 LoRA
     eval_every: int = 100
     freeze_layers: int = 0          # full fine-tuning: freeze embeddings + this many bottom layers (speed lever)
-    budget_clock: Literal["wall", "cpu"] = "wall"  # max_minutes counts wall time, or this process's CPU
-                                    # time / threads (= idle-machine wall time; fair on a shared machine)
 
     def validate(self) -> None:
         if self.lr == 0.0:
@@ -243,8 +255,6 @@ def build_groups(records: Sequence[Any], indices: Sequence[int], tokenizer, max_
     ``keep_long=True`` (evaluation): it is scored on its last ``max_len`` tokens, as
     ``chatforge score`` would, so the held-out set does not depend on ``max_len``.
     """
-    from chatforge.models.heads import encode_for_reward
-
     groups = []
     for i in indices:
         rec = records[i]
@@ -275,64 +285,34 @@ def expand_to_pairs(groups: Sequence[Group]) -> list[Group]:
     return out
 
 
-def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, held-out) record indices: a fixed-seed permutation, its first
-    round(eval_fraction * n) entries held out. Both lists sorted (file order)."""
-    import numpy as np
-
-    n_eval = int(round(eval_fraction * n))
-    perm = np.random.default_rng(seed).permutation(n)
-    held = sorted(perm[:n_eval].tolist())
-    hs = set(held)
-    return [i for i in range(n) if i not in hs], held
-
-
-def read_records(paths: Sequence[str], fmt: str | None, report: DataReport, log=print) -> list[Any]:
-    from chatforge.data.readers import read_file
-
-    records: list[Any] = []
-    for path in paths:
-        if not Path(path).exists():
-            raise DataError(f"{path}: no such file")
-        res = read_file(path, format=fmt, on_error="skip")
-        records += res.records
-        report.read_errors += len(res.errors)
-        for e in res.errors[:3]:
-            log(f"  unreadable: {e}")
-    return records
-
-
 def load_data(cfg: RMConfig, tokenizer, run: Run | None = None, log=print
               ) -> tuple[list[Group], list[Group], DataReport]:
-    """Read, split by record, write the split into the run folder, tokenise."""
+    """Read, split by record (:mod:`chatforge.data.split`), write the split into the run
+    folder (rank 0), tokenise."""
     if not cfg.data:
         raise ConfigError("data: give at least one preference or ranking file")
     report = DataReport()
-    records = read_records(cfg.data, cfg.format, report, log)
+    records, report.read_errors = read_records(cfg.data, cfg.format, log)
     split_seed = cfg.seed if cfg.split_seed < 0 else cfg.split_seed
     if cfg.eval_data:
         train_idx, held_idx = list(range(len(records))), []
-        eval_records = read_records(cfg.eval_data, cfg.format, report, log)
-        eval_src = list(cfg.eval_data)
+        eval_records, errors = read_records(cfg.eval_data, cfg.format, log)
+        report.read_errors += errors
+        eval_idx = list(range(len(eval_records)))
     else:
         train_idx, held_idx = split_indices(len(records), cfg.eval_fraction, split_seed)
-        eval_records, eval_src = records, list(cfg.data)
+        eval_records, eval_idx = records, held_idx
     if run is not None and run.is_main:
-        heldout = [eval_records[i] for i in held_idx] if not cfg.eval_data else eval_records
-        run.write_json("split.json", {"data": list(cfg.data), "eval_data": list(cfg.eval_data),
-                                      "seed": split_seed,
-                                      "eval_fraction": cfg.eval_fraction,
-                                      "records": len(records), "heldout": held_idx,
-                                      "note": "indices into the records of `data` as read, in file order"})
-        write_jsonl(heldout, run.path / "heldout.jsonl")
+        run.write_json("split.json", split_note(cfg.data, cfg.eval_data, cfg.eval_fraction, split_seed,
+                                                len(records), held_idx))
+        write_jsonl([eval_records[i] for i in eval_idx], run.path / "heldout.jsonl")
         write_jsonl([records[i] for i in train_idx], run.path / "train.jsonl")
     train = build_groups(records, train_idx, tokenizer, cfg.max_len, cfg.template, report)
-    eval_idx = held_idx if not cfg.eval_data else list(range(len(eval_records)))
     held = build_groups(eval_records, eval_idx, tokenizer, cfg.max_len, cfg.template, report, keep_long=True)
     if not train:
         raise DataError(f"{', '.join(cfg.data)}: no usable preference or ranking records "
                         f"({'; '.join(report.lines())})")
-    log(f"data: {len(train)} train groups, {len(held)} held-out groups (from {', '.join(eval_src)})")
+    log(f"data: {len(train)} train groups, {len(held)} held-out groups (from {', '.join(cfg.eval_data or cfg.data)})")
     return train, held, report
 
 
@@ -353,8 +333,6 @@ def make_batch(groups: Sequence[Group], pad_id: int, chunk: int = 0) -> Batch:
     """Sort the sequences by length and cut them into chunks of ``chunk`` (0 = one chunk):
     on hh-rlhf a random batch of 8 padded to its longest computes +47% pad tokens, sorted
     chunks of 2 only +5%."""
-    from chatforge.models.heads import pad_batch
-
     kmax = max(len(g.ids) for g in groups)
     seqs = [(s, gi * kmax + k) for gi, g in enumerate(groups) for k, s in enumerate(g.ids)]
     seqs.sort(key=lambda x: len(x[0]))
@@ -378,11 +356,10 @@ def to_matrix(flat_scores: torch.Tensor, slot: torch.Tensor, gmask: torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(rm, groups: Sequence[Group], cfg: RMConfig, pad_id: int, autocast=nullcontext) -> dict[str, float]:
+def evaluate_groups(rm: RewardModel, groups: Sequence[Group], cfg: RMConfig, pad_id: int,
+                    autocast=nullcontext) -> dict[str, float]:
     """Score every held-out response (length-sorted batches), then :func:`group_metrics`
     and the training loss on the held-out groups."""
-    from chatforge.models.heads import score_ids
-
     if not groups:
         return {}
     seqs = [s for g in groups for s in g.ids]
@@ -397,90 +374,16 @@ def evaluate(rm, groups: Sequence[Group], cfg: RMConfig, pad_id: int, autocast=n
     mat = torch.tensor([s + [0.0] * (kmax - len(s)) for s in scores])
     mask = torch.tensor([[True] * len(s) + [False] * (kmax - len(s)) for s in scores])
     if cfg.loss == "pairwise":  # the pairwise loss over each group's pairs, as in training
-        m["loss"] = kwise_loss(mat, mask, cfg.margin).item() if kmax > 2 else pairwise_loss(mat[:, 0], mat[:, 1], cfg.margin).item()
+        pairs = kwise_loss(mat, mask, cfg.margin) if kmax > 2 else pairwise_loss(mat[:, 0], mat[:, 1], cfg.margin)
+        m["loss"] = pairs.item()
     else:
         m["loss"] = rm_loss(mat, mask, cfg).item()
     return {f"eval_{k}": v for k, v in m.items()}
 
 
-# ---------------------------------------------------------------- scorer API
-class RewardScorer:
-    """A trained reward model ready to score texts: ``scorer.score(prompts, responses)``.
-
-    Uses the chat template and ``max_len`` the model was trained with (``reward_model.json``)
-    and bf16 autocast where the hardware makes it fast.
-    """
-
-    def __init__(self, rm, tokenizer, batch_size: int = 8, max_len: int | None = None, template: str | None = None,
-                 precision: str = "auto"):
-        from chatforge.models.load import autocast_dtype
-
-        self.rm, self.tokenizer, self.batch_size = rm, tokenizer, batch_size
-        info = getattr(rm, "train_info", {}) or {}
-        self.max_len = max_len or int(info.get("max_len", 1024))
-        self.template = template or info.get("template", "auto")
-        dev = next(rm.parameters()).device
-        dt = autocast_dtype(dev) if precision == "auto" else {"bf16": torch.bfloat16, "fp32": None}[precision]
-        self.autocast = (lambda: torch.autocast(dev.type, dtype=dt)) if dt is not None else nullcontext
-
-    def score(self, prompts: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> list[float]:
-        from chatforge.models.heads import score_texts
-
-        with self.autocast():
-            return score_texts(self.rm, self.tokenizer, prompts, responses, self.batch_size, self.max_len, self.template)
-
-    __call__ = score
-
-
-def load_scorer(path_or_run: str | Path, batch_size: int = 8, max_len: int | None = None, precision: str = "auto",
-                device: str | None = None) -> RewardScorer:
-    """Load a reward model (run folder or directory) as a :class:`RewardScorer`."""
-    from chatforge.models.heads import load_reward_model
-    from chatforge.models.load import load_tokenizer
-
-    rm, tok = load_reward_model(path_or_run, device=device)
-    if tok is None:
-        tok = load_tokenizer(path_or_run)
-    for p in rm.parameters():
-        p.requires_grad_(False)
-    return RewardScorer(rm, tok, batch_size, max_len, precision=precision)
-
-
 # ---------------------------------------------------------------- the loop
-PANELS = [("pairwise accuracy", "acc", "eval_acc"), ("loss", "loss", "eval_loss"),
-          ("margin", "margin", "eval_margin"), ("Kendall tau (K >= 3)", None, "eval_tau")]
-
-
-def plot_accuracy(rows: list[dict[str, Any]], out: Path, title: str) -> Path | None:
-    """``accuracy.png``: train and held-out curves overlaid, one panel per quantity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [p for p in PANELS if any(k and k in r for r in rows for k in p[1:])]
-    if not panels:
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, (name, train_key, eval_key) in zip(axes[0], panels):
-        for key, label, style in ((train_key, "train", "-"), (eval_key, "held-out", "o-")):
-            pts = [(r["step"], r[key]) for r in rows if key and r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), style, label=label, markersize=4)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
-
-
-def build_model(cfg: RMConfig, pad_id: int):
+def build_model(cfg: RMConfig, pad_id: int) -> RewardModel:
     """Backbone of ``cfg.model`` (an SFT LoRA run is merged first) -> LoRA / grad-ckpt -> head."""
-    from chatforge.models.heads import RewardModel
     from chatforge.models.load import load_model
 
     lm = core.prepare_model(load_model(cfg.model, dtype="fp32", merge_adapter=True), cfg)
@@ -491,26 +394,30 @@ def build_model(cfg: RMConfig, pad_id: int):
     return rm
 
 
-def train(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train a reward model; returns the run folder's ``model/``."""
-    from tqdm.auto import tqdm
+OnStep = Callable[[int, nn.Module, list[list[int]]], None]
 
-    from chatforge.models.heads import reward_pad_token
+
+def train(cfg: RMConfig, resume: bool = False, overwrite: bool = False, on_step: OnStep | None = None) -> Path:
+    """Train a reward model; returns the run folder's ``model/``.
+
+    ``on_step(step, model, micro_batch_indices)`` is called after every optimizer step on
+    every rank (tests record data sharding, hash weights, or simulate a kill there).
+    """
     from chatforge.models.load import check_model_exists, load_tokenizer
 
     check_model_exists(cfg.model)
+    if resume and finished(cfg.out, cfg):
+        print(f"{cfg.out} is finished (DONE); nothing to resume")
+        return Path(cfg.out) / "model"
     acc = core.setup_accelerator(cfg)
-    run = Run(cfg.out, resume=resume, overwrite=overwrite, is_main=acc.is_main_process)
-    run.write_config(cfg)
     say = acc.print
-
+    run = open_run(acc, cfg, resume, overwrite)
     tokenizer = load_tokenizer(cfg.model)
     pad_id = reward_pad_token(tokenizer)
     train_set, eval_set, report = load_data(cfg, tokenizer, run, log=say)
     for line in report.lines():
         say(line)
     samples = expand_to_pairs(train_set) if cfg.loss == "pairwise" else train_set
-    eval_sub = eval_set[:cfg.max_eval_records] if cfg.max_eval_records else eval_set
     say(f"{len(samples)} training samples ({'pairs' if cfg.loss == 'pairwise' else 'groups'}, loss={cfg.loss})")
 
     rm = build_model(cfg, pad_id).to(acc.device)
@@ -520,44 +427,37 @@ def train(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
     opt = core.build_optimizer(rm, cfg)
     sched = core.build_scheduler(opt, cfg, steps)
     model, opt, sched = acc.prepare(rm, opt, sched)
-    step, train_s = 0, 0.0
-    if resume:
-        state = core.resume_from(run, acc, model, opt, sched)
-        if state is not None:
-            step, train_s = state["step"], float(state.get("train_s", 0.0))
-            say(f"resumed from {state['checkpoint']} at step {step}")
+
+    def evaluate(final: bool) -> dict[str, float]:
+        """Rank 0 only; periodic evaluations on the first max_eval_records held-out records."""
+        groups = eval_set if final or not cfg.max_eval_records else eval_set[:cfg.max_eval_records]
+        if not acc.is_main_process or not groups:
+            return {}
+        return evaluate_groups(acc.unwrap_model(model), groups, cfg, pad_id, acc.autocast)
+
+    seen: list[list[int]] = []
+    loop = Loop(acc, run, cfg, steps, f"rm ({cfg.loss})", Checkpointer(acc, run, rm, tokenizer, cfg),
+                evaluate=evaluate, scheduler=sched, show=("loss", "acc"),
+                on_step=(lambda s: on_step(s, rm, [list(ix) for ix in seen])) if on_step else None,
+                plot=("accuracy.png", PLOT_KEYS, f"reward model ({cfg.loss})"))
+    loop.resume(resume)  # weights, optimizer, scheduler, RNG, step
     batches = core.batch_indices(len(samples), cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes,
-                                 start_batch=step * cfg.grad_accum)
-    budget = 60 * cfg.max_minutes if cfg.max_minutes else math.inf
-    threads = max(1, torch.get_num_threads())
-
-    def do_eval(groups: Sequence[Group]) -> dict[str, float]:
-        return evaluate(acc.unwrap_model(model), groups, cfg, pad_id, acc.autocast)
-
-    last_eval: dict[str, float] = {}
-    if step == 0 and cfg.eval_at_start and acc.is_main_process and eval_sub:
-        last_eval = do_eval(eval_sub)
-        run.log(0, **last_eval)
-        say("step 0: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
-    bar = tqdm(total=steps, initial=step, desc=f"rm ({cfg.loss})", disable=not acc.is_main_process)
-    window: list[dict[str, float]] = []
-    tokens, t_window = 0, time.time()
+                                 start_batch=loop.step * cfg.grad_accum)
     model.train()
-    while step < steps:
-        t_step, c_step = time.time(), time.process_time()
+    for _ in loop:
+        seen[:] = [next(batches) for _ in range(cfg.grad_accum)]
         stats: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            batch = [samples[i] for i in next(batches)]
-            b = make_batch(batch, pad_id, cfg.forward_chunk)
+        tokens = 0
+        for micro, ix in enumerate(seen):
+            b = make_batch([samples[i] for i in ix], pad_id, cfg.forward_chunk)
             gmask = b.group_mask.to(acc.device)
-            ctx = acc.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
-            with ctx:
+            with acc.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext():
                 flat = model([t.to(acc.device) for t in b.input_ids], [t.to(acc.device) for t in b.attention_mask])
-                scores = to_matrix(flat.float(), b.slot, gmask)
+                scores = to_matrix(flat.float(), b.slot, gmask)                 # (B, Kmax), best -> worst
                 loss = rm_loss(scores, gmask, cfg)
                 acc.backward(loss / cfg.grad_accum)
             tokens += b.tokens
-            g = group_metrics([scores[i, gmask[i]].tolist() for i in range(len(batch))])
+            g = group_metrics([scores[i, gmask[i]].tolist() for i in range(len(ix))])
             m = {"loss": loss.item(), "acc": g["acc"], "margin": g["margin"], "score_mean": g["score_mean"]}
             for k, v in m.items():
                 stats[k] = stats.get(k, 0.0) + v / cfg.grad_accum
@@ -565,50 +465,8 @@ def train(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        step += 1
-        train_s += time.time() - t_step if cfg.budget_clock == "wall" else (time.process_time() - c_step) / threads
-        bar.update(1)
-        if gnorm is not None:
-            stats["grad_norm"] = float(gnorm)
-        window.append(stats)
-        out_of_time = train_s > budget
-        if step % cfg.log_every == 0 or step == steps or out_of_time:
-            row = {k: sum(w[k] for w in window if k in w) / len(window) for k in window[0]}
-            dt = time.time() - t_window
-            row.update(lr=sched.get_last_lr()[0], tokens_per_s=core.tokens_per_second(tokens, dt),
-                       step_time_s=dt / len(window), train_min=train_s / 60)  # train_min: on budget_clock
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.2f}")
-            run.log(step, **row)
-            window, tokens, t_window = [], 0, time.time()
-        final = step == steps or out_of_time
-        if step % cfg.eval_every == 0 and not final and acc.is_main_process and eval_sub:
-            last_eval = do_eval(eval_sub)
-            run.log(step, **last_eval)
-            say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
-            t_window = time.time()  # evaluation time is not training time
-        if step % cfg.save_every == 0 and not final:
-            core.save_checkpoint(run, step, acc, model, tokenizer, opt, sched, extra={"train_s": train_s},
-                                 keep_last=cfg.keep_last)
-        if out_of_time:
-            say(f"max_minutes={cfg.max_minutes} of training reached at step {step}/{steps}; stopping")
-            break
-    bar.close()
+        loop.record(tokens=tokens, grad_norm=float(gnorm) if gnorm is not None else None, **stats)
 
-    t_eval = time.time()
-    if acc.is_main_process and eval_set:
-        last_eval = do_eval(eval_set)
-        run.log(step, **last_eval)
-        say(f"final (all {len(eval_set)} held-out records): "
-            + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
-    summary: dict[str, Any] = {
-        "loss_fn": cfg.loss, "train_time_s": round(train_s, 1), "budget_clock": cfg.budget_clock, "final_eval_time_s": round(time.time() - t_eval, 1),
-        "planned_steps": steps, "epochs_done": round(step * cfg.batch_size * cfg.grad_accum * acc.num_processes
-                                                    / max(1, len(samples)), 3),
-        "train_groups": len(train_set), "train_samples": len(samples), "eval_groups": len(eval_set),
-        "data": report.to_dict(), **last_eval}
-    if acc.is_main_process:
-        plot_accuracy(run.read_metrics(), run.path / "accuracy.png", title=f"reward model ({cfg.loss})")
-    # with optimizer state: a finished run can be resumed for more steps (max_steps=...)
-    core.save_checkpoint(run, step, acc, model, tokenizer, opt, sched, extra={"train_s": train_s},
-                         keep_last=cfg.keep_last)
-    return core.finish(run, acc, model, tokenizer, step, **summary)
+    epochs = loop.step * cfg.batch_size * cfg.grad_accum * acc.num_processes / max(1, len(samples))
+    return loop.finish(loss_fn=cfg.loss, epochs_done=round(epochs, 3), train_groups=len(train_set),
+                       train_samples=len(samples), eval_groups=len(eval_set), data=report.to_dict())
