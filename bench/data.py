@@ -10,8 +10,6 @@ each runs in its own subprocess, so each peak RSS is that stage's own:
   clean     + ``clean.Cleaner.check`` (every rule on, duplicate hashes)
   tokenise  + ``tokenize.iter_examples`` (template -> ids + assistant labels, truncation)
   pack      + ``tokenize.pack_examples`` (best-fit rows of ``--max-len``): end to end, streaming
-  arrow     read + clean -> ``tokenize.tokenize_to_dataset`` (Arrow on disk, ``--num-proc``
-            workers, memory-mapped result): end to end, the large-corpus path
   trl       the peer, side by side: read + clean (ours) -> the way TRL 1.16's SFTTrainer prepares
             the same data (``Dataset.from_generator``; its prompt-completion tokenize function,
             replicated: two ``apply_chat_template`` calls and a common-prefix completion mask,
@@ -27,7 +25,7 @@ needs TRL (``pip install -e ".[bench]"``) and is skipped without it.
 
     .venv/bin/python bench/data.py                      # 1M records, every stage
     .venv/bin/python bench/data.py --records 20000      # smoke run
-    .venv/bin/python bench/data.py --stages pack,arrow --out /tmp/alpaca1m.jsonl
+    .venv/bin/python bench/data.py --stages pack,trl --out /tmp/alpaca1m.jsonl
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ from pathlib import Path
 
 from _sides import machine_header
 
-STAGES = ["read", "clean", "tokenise", "pack", "arrow", "trl"]
+STAGES = ["read", "clean", "tokenise", "pack", "trl"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default="smollm2")
     p.add_argument("--template", default="auto")
     p.add_argument("--max-len", type=int, default=2048)
-    p.add_argument("--num-proc", type=int, default=2, help="datasets.map workers in the arrow stage")
+    p.add_argument("--num-proc", type=int, default=2, help="datasets.map workers in the trl stage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--file", help=argparse.SUPPRESS)
@@ -178,7 +176,7 @@ def run_stage(args) -> dict:
     out: dict = {"stage": stage}
     t_load = time.time()
     tok = None
-    if stage in ("tokenise", "pack", "arrow", "trl"):
+    if stage in ("tokenise", "pack", "trl"):
         from chatforge.data import tokenize as T
         from chatforge.models.load import load_tokenizer
 
@@ -211,11 +209,6 @@ def run_stage(args) -> dict:
         for _ in (T.pack_examples(examples, args.max_len, stats=stats) if stage == "pack" else examples):
             n += 1
         out["tokenize"] = stats.summary()
-    elif stage == "arrow":
-        ds, stats = T.tokenize_to_dataset(records(), tok, args.max_len, template=args.template,
-                                          num_proc=args.num_proc, cache_dir=args.workdir)
-        out["tokenize"] = stats.summary()
-        out["rows"] = len(ds)
     else:
         out["rows"] = run_trl(counts, tok, args)
     wall, cpu = time.time() - t0, _cpu_seconds() - cpu0
@@ -315,10 +308,10 @@ def report(results: list[dict]) -> None:
     prev = 0.0
     for r in results:
         per = r["cpu_s"] / max(r["records"], 1) * 1e6
-        extra = f"{per - prev:>8.1f}" if r["stage"] not in ("arrow", "trl") else f"{'':>8}"
+        extra = f"{per - prev:>8.1f}" if r["stage"] not in ("trl",) else f"{'':>8}"
         print(f"{r['stage']:<10}{r['wall_s']:>8.1f}{r['records_per_s']:>11.0f}{r['cpu_s']:>8.1f}{per:>11.1f}{extra}"
               f"{r['peak_rss_mib']:>14.0f}{r['peak_rss_children_mib']:>14.0f}{r['load_s']:>8.1f}")
-        if r["stage"] not in ("arrow", "trl"):
+        if r["stage"] not in ("trl",):
             prev = per
     print("(cpu us/rec: CPU time per input record, all threads and worker processes; +stage: what the stage adds."
           " On an idle 2-core machine records/s is at best 2e6 / cpu us/rec for the parallel parts.)")
@@ -331,7 +324,7 @@ def report(results: list[dict]) -> None:
     for r in results:
         if "tokenize" in r:
             print(f"{r['stage']}: {r['tokenize']}")
-    e2e = [r for r in results if r["stage"] in ("pack", "arrow", "trl")]
+    e2e = [r for r in results if r["stage"] in ("pack", "trl")]
     for r in e2e:
         peak = r["peak_rss_mib"] + r["peak_rss_children_mib"]
         ok = "meets" if r["records_per_s"] >= 20000 and peak < 2048 else "misses"
