@@ -1,5 +1,6 @@
 """DPO: the losses against hand-computed values, the reference cache, LoRA adapter-off,
-data expansion / rejection, learning a separable preference, exact resume."""
+data expansion / rejection, the shared-prompt segment mask, learning a separable preference,
+exact resume after a kill."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 from chatforge.config import load_config
+from chatforge.data.pairs import DataReport, expand_pairs
 from chatforge.data.records import Preference, Prompt, Ranking, msg
 from chatforge.errors import ConfigError
-from chatforge.train.dpo import DataReport, DPOConfig, dpo_loss, expand_pairs, reward_accuracy
+from chatforge.train.dpo import DPOConfig, dpo_loss, reward_accuracy
 
 T = torch.tensor
 
@@ -113,7 +115,7 @@ def test_rankings_expand_and_bad_pairs_are_reported():
 
 # ---------------------------------------------------------------- log-probs and the reference
 def _tiny_pairs(n: int = 6, seed: int = 0):
-    from chatforge.train.dpo import PairExample
+    from chatforge.data.pairs import PairExample
 
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -147,8 +149,9 @@ class _Acc:
 
 
 def test_cached_reference_equals_fresh_forward_of_frozen_model(tmp_path):
+    from chatforge.models.logprobs import backbone_and_head
     from chatforge.models.tiny import tiny_model
-    from chatforge.train.dpo import SequenceLogps, backbone_and_head, reference_logps
+    from chatforge.train.dpo import SequenceLogps, reference_logps
 
     model = tiny_model()
     assert backbone_and_head(model) is not None  # the response-only LM-head path is the one tested
@@ -161,12 +164,13 @@ def test_cached_reference_equals_fresh_forward_of_frozen_model(tmp_path):
     assert torch.allclose(ref, torch.tensor(fresh), atol=1e-4)
     # the cache is reused for the same data, and ignored for different data
     assert cache.exists()
-    torch.save({"fingerprint": torch.load(cache)["fingerprint"], "logps": {"train": ref + 1}}, cache)
+    saved = torch.load(cache, weights_only=True)  # tensors and a string only: nothing else is unpickled
+    torch.save({"fingerprint": saved["fingerprint"], "logps": {"train": ref + 1}}, cache)
     assert torch.equal(reference_logps(model, cfg, {"train": pairs}, 0, _Acc(), cache)["train"], ref + 1)
     other = _tiny_pairs(seed=1)
     assert not torch.equal(reference_logps(model, cfg, {"train": other}, 0, _Acc(), cache)["train"][:1], ref[:1] + 1)
     # the training forward (chosen and rejected in one batch, shared prompt or not) agrees with the cache
-    from chatforge.train.dpo import pair_batch
+    from chatforge.train.shared_prompt import pair_batch
     for share in (True, False):
         logps, ntok = SequenceLogps(model)(**pair_batch(pairs, 0, share_prompt=share))
         assert torch.allclose(logps, torch.cat([ref[:, 0], ref[:, 1]]), atol=1e-4)
@@ -312,33 +316,46 @@ def test_lora_dpo_on_an_adapter_policy_keeps_the_sft_adapter(prefs):
             assert (got - s).abs().max() < (got - r).abs().max()  # the SFT policy moved a little, not the raw base
 
 
-def test_resume_is_exact(prefs):
-    import shutil
+class Killed(Exception):
+    pass
 
-    from safetensors.torch import load_file
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_after_kill_matches_straight_run(prefs, lora):
+    """Killed right after the step-3 checkpoint and resumed: the same metrics and the same
+    final weights as a run that never stopped (and never silently restarted over)."""
+    from chatforge.models.load import load_model
     from chatforge.runs import read_metrics
     from chatforge.train.dpo import train
 
-    cfg = tiny_cfg(prefs, max_steps=6, save_every=3, eval_every=3, log_every=1, kl_prompts=0)
-    train(cfg)
-    straight = read_metrics(prefs / "run" / "metrics.jsonl")
-    w_straight = load_file(str(prefs / "run" / "model" / "model.safetensors"))
-    # simulate a kill right after the step-3 checkpoint
+    kw = dict(max_steps=6, save_every=3, eval_every=3, log_every=1, kl_prompts=0, grad_accum=2, batch_size=4,
+              schedule="cosine", warmup_steps=2, lora=lora, lora_cfg={"dropout": 0.1})  # dropout: RNG restored too
+    straight_dir = train(tiny_cfg(prefs, out=str(prefs / "straight"), **kw))
+    straight = {k: v.float() for k, v in load_model(str(straight_dir)).state_dict().items()}
+
+    def kill_at_3(step, model, idx):
+        assert len(idx) == 2 and all(len(ix) == 4 for ix in idx)  # this rank's micro-batches of the step
+        if step == 3:
+            raise Killed
+
+    cfg = tiny_cfg(prefs, **kw)
+    with pytest.raises(Killed):
+        train(cfg, on_step=kill_at_3)
     run = prefs / "run"
-    shutil.rmtree(run / "checkpoints" / "step-0000006")
-    shutil.rmtree(run / "model")
-    (run / "DONE").unlink()
-    (run / "checkpoints" / "latest").write_text("step-0000003\n")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000003" and not (run / "DONE").exists()
     with pytest.raises(ConfigError):  # never silently restarted over a run
         train(cfg)
-    train(cfg, resume=True)
-    resumed = read_metrics(run / "metrics.jsonl")
-    w_resumed = load_file(str(run / "model" / "model.safetensors"))
+    resumed = {k: v.float() for k, v in load_model(str(train(cfg, resume=True))).state_dict().items()}
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.allclose(straight[k], resumed[k], atol=1e-6), k
     keys = ["loss", "acc", "margin", "chosen_logp", "eval_loss"]
     strip = lambda rows: [{k: r[k] for k in ["step"] + keys if k in r} for r in rows]  # noqa: E731
-    assert strip(resumed) == strip(straight)
-    assert all(torch.equal(w_straight[k], w_resumed[k]) for k in w_straight)
+    assert strip(read_metrics(run / "metrics.jsonl")) == strip(read_metrics(prefs / "straight" / "metrics.jsonl"))
+    # resuming a finished run changes nothing
+    mtime = (run / "summary.json").stat().st_mtime
+    train(cfg, resume=True)
+    assert (run / "summary.json").stat().st_mtime == mtime
 
 
 def test_bad_records_are_reported_and_skipped(prefs, capsys):
@@ -366,8 +383,8 @@ def test_bad_records_are_reported_and_skipped(prefs, capsys):
 
 
 def test_truncation_keeps_prompt_end_and_shared_prefix():
+    from chatforge.data.pairs import encode_pair
     from chatforge.models.tiny import tiny_tokenizer
-    from chatforge.train.dpo import encode_pair
 
     tok = tiny_tokenizer()
     long_prompt = [msg("user", "The quick brown fox jumps over the lazy dog. " * 20 + "What colour is the sky?")]
@@ -393,7 +410,7 @@ def test_cli(prefs):
     cfg = (prefs / "cli" / "config.yaml").read_text()
     assert "beta: 0.2" in cfg and "max_steps: 2" in cfg and "model: tiny" in cfg
     # no --eval-data: the reward model's split (seed 0, eval_fraction 0.05 -> 6 of 128 records held out)
-    from chatforge.train.rm import split_indices
+    from chatforge.data.split import split_indices
     split = json.loads((prefs / "cli" / "split.json").read_text())
     assert split["heldout"] == split_indices(128, 0.05, 0)[1] and len(split["heldout"]) == 6
     assert len((prefs / "cli" / "heldout.jsonl").read_text().splitlines()) == 6
@@ -408,7 +425,7 @@ def test_cli(prefs):
 
 
 def test_segment_mask_and_gather_indices():
-    from chatforge.train.dpo import IGNORE, build_batch
+    from chatforge.train.shared_prompt import IGNORE, build_batch
 
     b = build_batch([([5, 6], [([7, 8], [7, IGNORE], 0), ([9], [9], 1)]), ([4], [([3], [3], 2)])], pad_id=0)
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]]
@@ -427,7 +444,8 @@ def test_segment_mask_and_gather_indices():
 
 def test_shared_prompt_gradients_match_separate_sequences():
     from chatforge.models.tiny import tiny_model
-    from chatforge.train.dpo import SequenceLogps, pair_batch
+    from chatforge.train.dpo import SequenceLogps
+    from chatforge.train.shared_prompt import pair_batch
 
     pairs = _tiny_pairs(4, seed=3)
     grads = []
@@ -457,7 +475,7 @@ def test_kl_estimate_matches_exact_kl_on_one_token():
             p.add_(torch.randn_like(p) * 0.1)
     prompt = [msg("user", "What colour is the sky?")]
     cfg = DPOConfig(model="tiny", max_len=64, kl_max_new_tokens=1, ref_batch_size=64)
-    est = kl_to_reference(policy, tok, [prompt] * 400, cfg, pad_id=0)  # the reference is re-read from "tiny"
+    est = kl_to_reference(policy, tok, [prompt] * 400, cfg)  # the reference is re-read from "tiny"
     from chatforge.data.tokenize import encode_prompt
 
     ids = torch.tensor([encode_prompt(tok, prompt)])

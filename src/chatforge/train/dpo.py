@@ -4,47 +4,51 @@ The practical alternative to RM + PPO: the policy is pushed to raise the log-lik
 the chosen response relative to the rejected one, *measured against a frozen reference*
 (the starting SFT policy), with no reward model and no sampling in the loop.
 
-Data: ``Preference`` records, and ``Ranking`` records expanded to their K(K-1)/2
-(better, worse) pairs. Pairs whose two responses are identical or empty (before or after
-truncation to ``max_len``) teach nothing and are reported and skipped.
+The step is in the open below (:func:`train`); set-up comes from :mod:`chatforge.train.core`,
+the loop (budget, cadence, checkpoints, exact resume) from :mod:`chatforge.train.loop`, records
+and the held-out split from :mod:`chatforge.data.split` (the reward model's rule: same files,
+``eval_fraction`` and ``seed`` -> same held-out records, written to ``split.json``).
+
+Data: ``Preference`` records, and ``Ranking`` records expanded to their K(K-1)/2 (better,
+worse) pairs, tokenised by :mod:`chatforge.data.pairs`. Pairs whose two responses are
+identical or empty (before or after truncation to ``max_len``) teach nothing and are
+reported and skipped.
 
 Sequence log-probability: ``log pi(y|x) = sum_t log pi(y_t | x, y_<t)`` over the response
 tokens and its end-of-turn (labels from ``data.tokenize.encode_prompt_response``), summed,
 not averaged, for every loss (also IPO; TRL length-normalises IPO, we do not).
 
 Reference log-probs are computed ONCE before training and cached in the run folder
-(``ref_logps.pt``): full fine-tuning scores the data with the frozen initial policy, LoRA
-with the adapter-off backbone (``model.disable_adapter()``). So there is never a second
-model in memory while training -- the main memory lever vs TRL's resident reference copy.
+(``ref_logps.pt``, tensors and a fingerprint only: read with ``weights_only=True``): full
+fine-tuning scores the data with the frozen initial policy, LoRA with the adapter-off backbone
+(``model.disable_adapter()``). So there is never a second model in memory while training --
+the main memory lever vs TRL's resident reference copy. ``max_minutes`` budgets the loop's
+training time; this one-off pass is outside it (``reference_time_s`` in the summary).
 
 Levers (in the order they matter on a 2-core CPU): bf16 autocast (``precision``), LoRA
-(``lora=true``), chosen + rejected in ONE forward (concatenated along the batch), the LM
-head applied only to response positions (the 49k-vocab projection of prompt tokens is never
-computed), length-sorted batches for the reference and eval passes, gradient checkpointing
-(memory, not speed).
+(``lora=true``), chosen + rejected after ONE copy of the prompt in one row (``share_prompt``,
+:mod:`chatforge.train.shared_prompt`: 1.7x per step on hh-rlhf), the LM head applied only to
+response positions, length-sorted batches for the reference and eval passes, gradient
+checkpointing (memory, not speed).
 
 Logged metrics (``metrics.jsonl``; train values are means over the last ``log_every``
-optimizer steps, ``eval_*`` over the held-out pairs):
+optimizer steps, ``eval_*`` over the held-out pairs; ``lr``, ``grad_norm``, ``tokens_per_s``
+from the loop):
 
-* ``loss``                      the DPO/IPO loss.
-* ``acc``                       implicit reward accuracy: share of pairs whose chosen reward
-                                beats the rejected one. Ties count HALF (so a policy equal to
-                                its reference scores exactly 0.5, chance; TRL counts ties as
-                                wrong, which reads 0.0 at step 0).
-* ``margin``                    mean ``r_chosen - r_rejected`` with the implicit reward
-                                ``r = beta * (log pi(y|x) - log ref(y|x))``.
-* ``chosen_reward`` / ``rejected_reward``  the two rewards themselves.
-* ``chosen_logp`` / ``rejected_logp``      policy sequence log-probs. Both usually fall
-                                during DPO (the rejected faster); a collapsing chosen
-                                log-prob with a rising margin is the known failure mode
-                                (lower ``lr`` / raise ``beta``).
-* ``kl``                        KL(policy || reference) on held-out prompts: responses sampled
-                                from the policy (temperature 1), mean over prompts of
-                                ``sum_t (log pi - log ref)`` over the sampled tokens (an unbiased
-                                Monte-Carlo estimate of the sequence KL; noisy with few prompts).
-* ``win_rate`` (summary, when ``judge`` names a reward model)  share of held-out prompts
-                                where the reward model scores the policy's greedy response above
-                                the starting policy's (ties count half).
+* ``loss``: the DPO/IPO loss.
+* ``acc``: implicit reward accuracy, the share of pairs whose chosen reward beats the rejected
+  one. Ties count HALF (a policy equal to its reference scores exactly 0.5, chance; TRL counts
+  ties as wrong, which reads 0.0 at step 0).
+* ``margin``: mean ``r_chosen - r_rejected`` with the implicit reward
+  ``r = beta * (log pi(y|x) - log ref(y|x))``; ``chosen_reward`` / ``rejected_reward`` the two.
+* ``chosen_logp`` / ``rejected_logp``: policy sequence log-probs. Both usually fall during DPO
+  (the rejected faster); a collapsing chosen log-prob with a rising margin is the known failure
+  mode (lower ``lr`` / raise ``beta``).
+* ``kl``: KL(policy || reference) on held-out prompts: responses sampled from the policy
+  (temperature 1), mean over prompts of ``sum_t (log pi - log ref)`` over the sampled tokens
+  (an unbiased Monte-Carlo estimate of the sequence KL; noisy with few prompts).
+* ``win_rate`` (summary, when ``judge`` names a reward model): share of held-out prompts where
+  the reward model scores the policy's greedy response above the starting policy's (ties half).
 
 Debugging tips: at step 0 ``loss == log 2`` (sigmoid) and ``acc == 0.5`` and ``kl == 0``
 exactly up to bf16 noise -- anything else means the reference cache does not match the
@@ -55,26 +59,27 @@ the policy is drifting, not learning the preference.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.config import check_range
-from chatforge.data.prefs import SkipReport, ordered_responses, where_of
-from chatforge.data.records import Preference, prompt_of
+from chatforge.data.pairs import DataReport, PairExample, encode_pair, expand_pairs
+from chatforge.data.prefs import where_of
+from chatforge.data.split import read_prompts, read_records, split_indices, split_note, unique_prompts
 from chatforge.errors import ConfigError, DataError
-from chatforge.runs import Run, plot_curves
+from chatforge.models.logprobs import hidden_and_head, logprobs_from_logits
+from chatforge.runs import Run
 from chatforge.train import core
 from chatforge.train.core import TrainConfig
-
-IGNORE = -100
+from chatforge.train.loop import Checkpointer, Loop, finished, open_run
+from chatforge.train.shared_prompt import model_mask, pair_batch, share_prompt_ok
 
 
 # ---------------------------------------------------------------- config
@@ -97,7 +102,7 @@ class DPOConfig(TrainConfig):
     judge: str = ""                    # reward model (run folder) for the final win rate vs the start policy
     judge_prompts: int = 64
     judge_max_new_tokens: int = 96
-    share_prompt: bool = True          # chosen + rejected in one row after ONE copy of the prompt (see build_batch)
+    share_prompt: bool = True          # chosen + rejected in one row after ONE copy of the prompt (shared_prompt.py)
 
     def validate(self) -> None:
         if self.policy:
@@ -158,142 +163,31 @@ def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
 
 
 # ---------------------------------------------------------------- data
-@dataclass
-class PairExample:
-    """One tokenised pair: the (identically truncated) prompt once, and the two responses.
-
-    ``*_ids`` are the response tokens (text + end-of-turn); ``*_labels`` the same ids, or
-    IGNORE for a token that is not scored.
-    """
-
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    chosen_labels: list[int]
-    rejected_ids: list[int]
-    rejected_labels: list[int]
-    prompt: list[dict[str, str]] = field(default_factory=list)
-    where: str = ""
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
-
-
-@dataclass
-class DataReport(SkipReport):
-    """What happened to the input; usable items are preference pairs."""
-
-    pairs: int = 0
-    unit: ClassVar[str] = "pairs"
-
-
-def expand_pairs(records: list, report: DataReport) -> list[Preference]:
-    """Preferences as they are, rankings as their K(K-1)/2 pairs (best first); records the
-    reward model would refuse (other kinds, empty or tied responses) are reported and
-    dropped by the same rule (:func:`chatforge.data.prefs.ordered_responses`)."""
-    pairs: list[Preference] = []
-    for rec in records:
-        report.records += 1
-        texts = ordered_responses(rec, report)
-        if texts is None:
-            continue
-        if isinstance(rec, Preference):
-            pairs.append(rec)
-            continue
-        pairs += [Preference(rec.prompt, {"role": "assistant", "content": texts[i]},
-                             {"role": "assistant", "content": texts[j]}, dict(rec.meta, pair=[i, j]))
-                  for i in range(len(texts)) for j in range(i + 1, len(texts))]
-    return pairs
-
-
-def _split_at_labels(ids: list[int], labels: list[int]) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, response ids, response labels): the prompt is everything before the first
-    label, the response ends at the last label (a template's trailing newline after the
-    end-of-turn is dropped: nothing after the last scored token can change its probability)."""
-    scored = [i for i, l in enumerate(labels) if l != IGNORE]
-    if not scored:
-        return ids, [], []
-    first, last = scored[0], scored[-1] + 1
-    return ids[:first], ids[first:last], labels[first:last]
-
-
-def encode_pair(tokenizer, pair: Preference, max_len: int, template: str = "auto") -> PairExample | str:
-    """Tokenise both sides; returns the example, or the reason it must be skipped.
-
-    Over-long pairs: each response keeps at least ``max_len // 2`` tokens (its head), the
-    prompt keeps its *end* (the last turn matters most), identically for both sides; each
-    of prompt + chosen and prompt + rejected is then at most ``max_len`` tokens.
-    """
-    from chatforge.data.tokenize import encode_prompt_response
-
-    ec = encode_prompt_response(tokenizer, pair.prompt, pair.chosen["content"], template)
-    er = encode_prompt_response(tokenizer, pair.prompt, pair.rejected["content"], template)
-    p, c, cl = _split_at_labels(list(ec.input_ids), list(ec.labels))
-    p2, r, rl = _split_at_labels(list(er.input_ids), list(er.labels))
-    if not c or not r:
-        return "empty response after tokenisation"
-    if p != p2:  # templates are prefix-stable; if one is not, share the common prefix only
-        n = next((i for i, (a, b) in enumerate(zip(p, p2)) if a != b), min(len(p), len(p2)))
-        if n == 0:
-            return "chosen and rejected do not share a prompt after tokenisation"
-        c, cl = p[n:] + c, [IGNORE] * (len(p) - n) + cl
-        r, rl = p2[n:] + r, [IGNORE] * (len(p2) - n) + rl
-        p = p[:n]
-    budget = max(max_len - len(p), max_len // 2)
-    c, cl, r, rl = c[:budget], cl[:budget], r[:budget], rl[:budget]
-    keep = max(1, max_len - max(len(c), len(r)))
-    p = p[len(p) - keep:] if keep < len(p) else p
-    if all(l == IGNORE for l in cl) or all(l == IGNORE for l in rl):
-        return "empty response after tokenisation"
-    if c == r:
-        return f"identical after truncation to max_len={max_len}"
-    return PairExample(p, c, cl, r, rl, pair.prompt, where_of(pair.meta))
-
-
-def read_records(paths: list[str], fmt: str | None) -> tuple[list, list]:
-    """All records and read errors of ``paths`` (missing/unusable files raise DataError)."""
-    from chatforge.data.readers import read_file
-
-    records, errors = [], []
-    for path in paths:
-        if not Path(path).exists():
-            raise DataError(f"{path}: no such file")
-        res = read_file(path, format=fmt, on_error="skip")
-        records += list(res.records)
-        errors += list(res.errors)
-    return records, errors
-
-
 def load_pairs(cfg: DPOConfig, tokenizer, run: Run | None = None, log=print
                ) -> tuple[list[PairExample], list[PairExample], DataReport]:
     """Read, split by record (a ranking's pairs stay on one side), expand, tokenise.
 
-    Without ``eval_data`` the split is the reward model's (``train.rm.split_indices``: same
-    seed and fraction -> same held-out records), written to ``split.json`` /
+    Without ``eval_data`` the split is :func:`chatforge.data.split.split_indices` (the reward
+    model's: same seed and fraction -> same held-out records), written to ``split.json`` /
     ``heldout.jsonl`` in the run folder so evaluation can use exactly those prompts.
     """
     from chatforge.data.records import write_jsonl
-    from chatforge.train.rm import split_indices
 
     if not cfg.data:
         raise ConfigError("data: give at least one preference or ranking file")
     report = DataReport()
-    records, errors = read_records(cfg.data, cfg.format)
-    report.read_errors = len(errors)
-    for e in errors[:3]:
-        log(f"  unreadable: {e}")
+    records, report.read_errors = read_records(cfg.data, cfg.format, log)
     if cfg.eval_data:
-        eval_records, eval_errors = read_records(cfg.eval_data, cfg.format)
-        report.read_errors += len(eval_errors)
+        eval_records, errors = read_records(cfg.eval_data, cfg.format, log)
+        report.read_errors += errors
     else:
         train_idx, held_idx = split_indices(len(records), cfg.eval_fraction, cfg.seed)
         eval_records = [records[i] for i in held_idx]
-        records = [records[i] for i in train_idx]
         if run is not None and run.is_main:
-            run.write_json("split.json", {"data": list(cfg.data), "seed": cfg.seed, "eval_fraction": cfg.eval_fraction,
-                                          "records": len(records) + len(eval_records), "heldout": held_idx,
-                                          "note": "indices into the records of `data` as read, in file order"})
+            run.write_json("split.json", split_note(cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
+                                                    len(records), held_idx))
             write_jsonl(eval_records, run.path / "heldout.jsonl")
+        records = [records[i] for i in train_idx]
     sets = []
     for recs in (records, eval_records):
         out = []
@@ -311,22 +205,6 @@ def load_pairs(cfg: DPOConfig, tokenizer, run: Run | None = None, log=print
     return train, held_out, report
 
 
-def read_prompts(paths: list[str], fmt: str | None) -> list[list[dict[str, str]]]:
-    """Prompt messages of every record in ``paths`` (any kind), de-duplicated, in order."""
-    records, _ = read_records(paths, fmt)
-    return unique_prompts(prompt_of(r) for r in records)
-
-
-def unique_prompts(prompts) -> list[list[dict[str, str]]]:
-    seen, out = set(), []
-    for p in prompts:
-        key = tuple((m["role"], m["content"]) for m in p)
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out
-
-
 def fingerprint(*sets: list[PairExample]) -> str:
     """Hash of every token and label: the reference cache is valid only for this exact data."""
     h = hashlib.sha256()
@@ -340,101 +218,8 @@ def fingerprint(*sets: list[PairExample]) -> str:
 
 
 # ---------------------------------------------------------------- sequence log-probs
-# A "row" of a batch is a prompt followed by one or more response segments; every segment
-# sees the prompt and itself, never another segment, and its positions continue from the end of
-# the prompt. So [prompt | chosen | rejected] in ONE row computes the shared prompt once --
-# the same numbers as two separate sequences [prompt | chosen] and [prompt | rejected], for
-# ~40% fewer tokens on hh-rlhf (prompts are ~3x longer than responses).
-Segment = tuple[list[int], list[int], int]  # (ids, labels, index of the sequence it scores)
-Row = tuple[list[int], list[Segment]]
-
-
-def pair_rows(batch: list[PairExample], share_prompt: bool = True) -> list[Row]:
-    """Rows for a batch of pairs; sequence i is chosen of pair i, B + i rejected of pair i."""
-    n = len(batch)
-    if share_prompt:
-        return [(ex.prompt_ids, [(ex.chosen_ids, ex.chosen_labels, i), (ex.rejected_ids, ex.rejected_labels, n + i)])
-                for i, ex in enumerate(batch)]
-    return [(ex.prompt_ids, [(ex.chosen_ids, ex.chosen_labels, i)]) for i, ex in enumerate(batch)] + \
-        [(ex.prompt_ids, [(ex.rejected_ids, ex.rejected_labels, n + i)]) for i, ex in enumerate(batch)]
-
-
-def build_batch(rows: list[Row], pad_id: int, mask: str = "4d") -> dict[str, torch.Tensor]:
-    """Tensors for :class:`SequenceLogps`: right-padded ``input_ids`` and ``position_ids``,
-    the attention mask, and for every scored token where its prediction is read
-    (``src_row``, ``src_pos``), what it must predict (``target``) and whose sum it joins (``seq``).
-
-    ``mask="4d"``: a boolean [N, 1, T, T] mask (True = may attend) encoding the segment
-    structure; ``"2d"``: a plain padding mask, valid only for one segment per row.
-    """
-    T = max(len(p) + sum(len(s[0]) for s in segs) for p, segs in rows)
-    N = len(rows)
-    ids = torch.full((N, T), pad_id, dtype=torch.long)
-    pos = torch.zeros((N, T), dtype=torch.long)
-    seg = torch.full((N, T), -1, dtype=torch.long)  # -1 pad, 0 prompt, k >= 1 segment k
-    src_row, src_pos, target, seq = [], [], [], []
-    n_seq = 0
-    for i, (prompt, segs) in enumerate(rows):
-        if not prompt:
-            raise ValueError("every row needs at least one prompt token (it predicts the first response token)")
-        P = len(prompt)
-        ids[i, :P] = torch.tensor(prompt)
-        pos[i, :P] = torch.arange(P)
-        seg[i, :P] = 0
-        start = P
-        for k, (s_ids, s_labels, s_index) in enumerate(segs, 1):
-            L = len(s_ids)
-            ids[i, start:start + L] = torch.tensor(s_ids, dtype=torch.long)
-            pos[i, start:start + L] = torch.arange(P, P + L)
-            seg[i, start:start + L] = k
-            for j, lab in enumerate(s_labels):
-                if lab != IGNORE:
-                    src_row.append(i)
-                    src_pos.append(P - 1 if j == 0 else start + j - 1)
-                    target.append(lab)
-                    seq.append(s_index)
-            n_seq = max(n_seq, s_index + 1)
-            start += L
-    out = {"input_ids": ids, "position_ids": pos, "src_row": torch.tensor(src_row, dtype=torch.long),
-           "src_pos": torch.tensor(src_pos, dtype=torch.long), "target": torch.tensor(target, dtype=torch.long),
-           "seq": torch.tensor(seq, dtype=torch.long), "n_seq": torch.tensor(n_seq)}
-    real = seg >= 0
-    if mask == "2d":
-        if any(len(segs) > 1 for _, segs in rows):
-            raise ValueError("a 2d mask cannot separate several segments in one row")
-        out["attention_mask"] = real.long()
-        return out
-    q, k = seg[:, :, None], seg[:, None, :]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    allowed = causal & real[:, :, None] & real[:, None, :] & ((k == 0) | (k == q))
-    allowed |= torch.eye(T, dtype=torch.bool)  # padding attends to itself: no all-masked (NaN) rows
-    out["attention_mask"] = allowed[:, None]
-    return out
-
-
-def pair_batch(batch: list[PairExample], pad_id: int, share_prompt: bool = True) -> dict[str, torch.Tensor]:
-    return build_batch(pair_rows(batch, share_prompt), pad_id, "4d" if share_prompt else "2d")
-
-
-def backbone_and_head(model) -> tuple[nn.Module, nn.Module] | None:
-    """The transformer body and LM head, when logits are a plain linear map of the last
-    hidden state (Llama, Qwen, Mistral, GPT-2, ...); None -> use the full forward."""
-    from chatforge.models.lora import is_peft
-
-    base = model.get_base_model() if is_peft(model) else model
-    if getattr(base.config, "final_logit_softcapping", None):
-        return None
-    try:
-        body, head = base.get_decoder(), base.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if body is None or body is base or not isinstance(head, nn.Linear):
-        return None
-    return body, head
-
-
 class SequenceLogps(nn.Module):
-    """``forward(**build_batch(...)) -> (logps[n_seq], tokens[n_seq])``: summed
+    """``forward(**shared_prompt.build_batch(...)) -> (logps[n_seq], tokens[n_seq])``: summed
     log-probabilities of the scored tokens of each sequence.
 
     The LM head runs only on the hidden states that predict a scored token, so the
@@ -445,32 +230,15 @@ class SequenceLogps(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.parts = backbone_and_head(model)
 
     def forward(self, input_ids, position_ids, attention_mask, src_row, src_pos, target, seq, n_seq):
-        mask = attention_mask
-        if mask.dim() == 4 and getattr(self.model.config, "_attn_implementation", "sdpa") == "eager":
-            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
-                ~mask, torch.finfo(torch.float32).min)  # eager attention adds the mask to the scores
-        kw = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
-        if self.parts is not None:
-            body, head = self.parts
-            logits = head(body(**kw).last_hidden_state[src_row, src_pos])
-        else:
-            logits = self.model(**kw).logits[src_row, src_pos]
-        tok_logp = -F.cross_entropy(logits.float(), target, reduction="none")
+        h, head = hidden_and_head(self.model, input_ids=input_ids, position_ids=position_ids,
+                                  attention_mask=model_mask(self.model, attention_mask))
+        h = h[src_row, src_pos]                                               # [n_scored, d] (or logits)
+        tok_logp = logprobs_from_logits(head(h) if head is not None else h, target)  # [n_scored]
         n = int(n_seq)
         logps = torch.zeros(n, dtype=torch.float32, device=input_ids.device).index_add(0, seq, tok_logp)
-        tokens = torch.zeros(n, dtype=torch.long, device=input_ids.device).index_add(0, seq, torch.ones_like(seq))
-        return logps, tokens
-
-
-def share_prompt_ok(model) -> bool:
-    """The segment mask needs an attention that takes a custom 4-D mask (sdpa, eager)."""
-    from chatforge.models.lora import is_peft
-
-    base = model.get_base_model() if is_peft(model) else model
-    return getattr(base.config, "_attn_implementation", None) in ("sdpa", "eager")
+        return logps, torch.bincount(seq, minlength=n)
 
 
 @torch.no_grad()
@@ -533,13 +301,14 @@ def reference_logps(model, cfg: DPOConfig, sets: dict[str, list[PairExample]], p
     planned steps and evaluations will actually visit -- with ``max_steps`` below one epoch
     nothing is spent on pairs training never reaches. Call before any optimizer step: for
     full fine-tuning ``model`` IS the reference then. Ranks score strided shards, gathered.
+    The cache holds only a string and tensors, so it loads with ``weights_only=True``.
     """
     from chatforge.models.lora import is_peft
 
     fp = fingerprint(*sets.values())
     out = {name: torch.full((len(pairs), 2), float("nan")) for name, pairs in sets.items()}
     if cache is not None and cache.exists():
-        saved = torch.load(cache, weights_only=False)
+        saved = torch.load(cache, weights_only=True)
         if saved.get("fingerprint") == fp:
             out.update(saved["logps"])
     needed = needed if needed is not None else {name: list(range(len(pairs))) for name, pairs in sets.items()}
@@ -606,33 +375,22 @@ def sample(model, tokenizer, prompts: list[list[dict[str, str]]], cfg: DPOConfig
     return [(p, list(c.token_ids), c.text) for p, c in zip(prompt_ids, comps)]
 
 
-def response_logps(model, samples: list[tuple[list[int], list[int], str]], cfg: DPOConfig, pad_id: int,
-                   autocast=nullcontext) -> torch.Tensor:
-    """Sequence log-prob of each sampled response under ``model`` (teacher forced)."""
-    scorer = SequenceLogps(model).eval()
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(samples), cfg.ref_batch_size):
-        rows = [(p, [(r, r, j)]) for j, (p, r, _) in enumerate(samples[i:i + cfg.ref_batch_size])]
-        b = {k: v.to(device) for k, v in build_batch(rows, pad_id, "2d").items()}
-        with torch.no_grad(), autocast():
-            out.append(scorer(**b)[0].float().cpu())
-    return torch.cat(out)
-
-
-def kl_to_reference(model, tokenizer, prompts, cfg: DPOConfig, pad_id: int, autocast=nullcontext) -> dict[str, float]:
+def kl_to_reference(model, tokenizer, prompts, cfg: DPOConfig) -> dict[str, float]:
     """Monte-Carlo KL(pi || ref) = E_{y ~ pi}[log pi(y|x) - log ref(y|x)] on held-out prompts.
 
-    Both log-probs are recomputed by the same teacher-forced pass (not taken from the
-    sampler), so bf16/KV-cache rounding does not show up as a spurious KL.
+    Both log-probs are recomputed by the same teacher-forced pass (``Engine.score``, not
+    taken from the sampler), so bf16/KV-cache rounding does not show up as a spurious KL.
     """
+    from chatforge.generate.engine import Engine
+
     samples = [s for s in sample(model, tokenizer, prompts, cfg, cfg.kl_max_new_tokens, 1.0) if s[1]]
     if not samples:
         return {}
-    pol = response_logps(model, samples, cfg, pad_id, autocast)
+    ids, responses = [p for p, _, _ in samples], [r for _, r, _ in samples]
+    pol = torch.tensor([sum(lp) for lp in Engine(model, tokenizer).score(ids, responses)])
     with reference_of(model, cfg) as ref:
-        ref_lp = response_logps(ref, samples, cfg, pad_id, autocast)
-    n_tok = sum(len(r) for _, r, _ in samples)
+        ref_lp = torch.tensor([sum(lp) for lp in Engine(ref, tokenizer).score(ids, responses)])
+    n_tok = sum(len(r) for r in responses)
     return {"kl": (pol - ref_lp).mean().item(), "kl_per_token": ((pol - ref_lp).sum() / n_tok).item(),
             "sample_len": n_tok / len(samples)}
 
@@ -657,21 +415,26 @@ def judge_win_rate(model, tokenizer, prompts, cfg: DPOConfig) -> dict[str, float
 
 # ---------------------------------------------------------------- the loop
 PLOT_KEYS = ["loss", "eval_acc", "eval_margin", "chosen_logp", "rejected_logp", "kl"]
+OnStep = Callable[[int, nn.Module, list[list[int]]], None]
 
 
-def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run DPO; returns the run folder's ``model/``."""
-    from tqdm.auto import tqdm
+def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, on_step: OnStep | None = None) -> Path:
+    """Run DPO; returns the run folder's ``model/``.
 
+    ``on_step(step, model, micro_batch_indices)`` is called after every optimizer step on
+    every rank (tests hash weights or simulate a kill there).
+    """
     from chatforge.models.load import check_model_exists, load_tokenizer
 
     check_model_exists(cfg.model)
     if cfg.judge:
         check_model_exists(cfg.judge)
+    if resume and finished(cfg.out, cfg):
+        print(f"{cfg.out} is finished (DONE); nothing to resume")
+        return Path(cfg.out) / "model"
     acc = core.setup_accelerator(cfg)
-    run = Run(cfg.out, resume=resume, overwrite=overwrite, is_main=acc.is_main_process)
-    run.write_config(cfg)
     say = acc.print
+    run = open_run(acc, cfg, resume, overwrite)
 
     # data
     tokenizer = load_tokenizer(cfg.model)
@@ -679,130 +442,79 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path
     train_set, eval_set, report = load_pairs(cfg, tokenizer, run, log=say)
     for line in report.lines():
         say(line)
-    prompts = read_prompts(cfg.eval_prompts, cfg.format) if cfg.eval_prompts else unique_prompts(e.prompt for e in eval_set)
+    prompts = (read_prompts(cfg.eval_prompts, cfg.format, say)[0] if cfg.eval_prompts
+               else unique_prompts(e.prompt for e in eval_set))
     say(f"{len(train_set)} train pairs, {len(eval_set)} held-out pairs, {len(prompts)} held-out prompts")
 
-    # model, reference cache (before any update: the model is the reference now)
+    # model, reference cache (before any update: the model is the reference now; outside the budget)
     model = core.prepare_model(load_policy(cfg.model), cfg).to(acc.device)
     if cfg.lora:
         core.name_adapter_base(model, cfg.model)
     steps = core.total_steps(cfg, len(train_set), acc.num_processes)
     n_eval = min(len(eval_set), cfg.max_eval_records)
-    t_ref = time.time()
+    t_ref = time.perf_counter()
     ref = reference_logps(model, cfg, {"train": train_set, "eval": eval_set[:n_eval]}, pad_id, acc,
                           run.path / "ref_logps.pt",
                           needed={"train": planned_pairs(len(train_set), cfg, steps, acc.num_processes),
                                   "eval": list(range(n_eval))})
-    t_ref = time.time() - t_ref
+    t_ref = time.perf_counter() - t_ref
 
-    # optimizer, schedule, resume
-    scorer = SequenceLogps(model)
     share = cfg.share_prompt and share_prompt_ok(model)
     opt = core.build_optimizer(model, cfg)
     sched = core.build_scheduler(opt, cfg, steps)
-    scorer, opt, sched = acc.prepare(scorer, opt, sched)
-    step = 0
-    if resume:
-        state = core.resume_from(run, acc, model, opt, sched)
-        if state is not None:
-            step = state["step"]
-            say(f"resumed from {state['checkpoint']} at step {step}")
-            if step < steps and acc.is_main_process:
-                (run.path / "DONE").unlink(missing_ok=True)  # finished before; not any more
-    batches = core.batch_indices(len(train_set), cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes,
-                                 start_batch=step * cfg.grad_accum)
+    scorer, opt, sched = acc.prepare(SequenceLogps(model), opt, sched)
+    plain_scorer = acc.unwrap_model(scorer)
 
-    def evaluate() -> dict[str, float]:
-        with torch.random.fork_rng(devices=[]):  # sampling must not shift the training RNG stream
-            return _evaluate()
-
-    def _evaluate() -> dict[str, float]:
-        """The first ``max_eval_records`` held-out pairs, and the KL on held-out prompts."""
-        m = {}
+    def evaluate(final: bool) -> dict[str, float]:
+        """Rank 0: the first ``max_eval_records`` held-out pairs, and the KL on held-out prompts."""
+        m: dict[str, float] = {}
+        if not acc.is_main_process:
+            return m
         if n_eval:
-            pol = score_pairs(acc.unwrap_model(scorer), eval_set[:n_eval], cfg.ref_batch_size, pad_id, acc.autocast,
+            pol = score_pairs(plain_scorer, eval_set[:n_eval], cfg.ref_batch_size, pad_id, acc.autocast,
                               share_prompt=share)
             m.update({f"eval_{k}": v for k, v in pair_metrics(pol, ref["eval"], cfg).items()})
         if cfg.kl_prompts and prompts:
-            m.update(kl_to_reference(model, tokenizer, prompts[:cfg.kl_prompts], cfg, pad_id, acc.autocast))
+            m.update(kl_to_reference(model, tokenizer, prompts[:cfg.kl_prompts], cfg))
         return m
 
-    t0 = time.time()
-    # the budget is training time: the one-off reference pass (cached, ~25 min for 1,847 hh-rlhf pairs on a
-    # loaded 2-core CPU) must not eat it, as it did once (1 step in "10 minutes"); as the RM's budget
-    deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
-    window: list[dict[str, float]] = []
-    last_eval: dict[str, float] = {}
-    if step == 0 and acc.is_main_process:
-        last_eval = evaluate()
-        run.log(0, **last_eval)
-    tokens, t_window = 0, time.time()
-    bar = tqdm(total=steps, initial=step, desc="dpo", disable=not acc.is_main_process)
+    seen: list[list[int]] = []
+    loop = Loop(acc, run, cfg, steps, "dpo", Checkpointer(acc, run, model, tokenizer, cfg), evaluate=evaluate,
+                scheduler=sched, show=("loss", "acc"),
+                on_step=(lambda s: on_step(s, model, [list(ix) for ix in seen])) if on_step else None,
+                plot=("dpo.png", PLOT_KEYS, f"DPO ({cfg.loss}, beta={cfg.beta})"))
+    loop.resume(resume)  # weights, optimizer, scheduler, RNG, step
+    batches = core.batch_indices(len(train_set), cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes,
+                                 start_batch=loop.step * cfg.grad_accum)
     scorer.train()
-    while step < steps:
-        stats: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            idx = next(batches)
+    for _ in loop:
+        seen[:] = [next(batches) for _ in range(cfg.grad_accum)]
+        stats: list[dict[str, float]] = []
+        tokens = 0
+        for j, idx in enumerate(seen):
             batch = [train_set[i] for i in idx]
             b = {k: v.to(acc.device) for k, v in pair_batch(batch, pad_id, share).items()}
-            ctx = acc.no_sync(scorer) if micro < cfg.grad_accum - 1 else nullcontext()
-            with ctx:
-                logps, _ = scorer(**b)
+            with acc.no_sync(scorer) if j < len(seen) - 1 else nullcontext():
+                logps, _ = scorer(**b)                                   # [2n]: chosen of each pair, then rejected
                 n = len(idx)
-                ref_b = ref["train"][idx].to(acc.device)  # planned_pairs guarantees these were computed
-                losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref_b[:, 0], ref_b[:, 1], cfg.beta, cfg.loss,
-                                          cfg.label_smoothing)
+                ref_b = ref["train"][idx].to(acc.device)                 # [n, 2]; planned_pairs computed these
+                losses, _, _ = dpo_loss(logps[:n], logps[n:], ref_b[:, 0], ref_b[:, 1], cfg.beta, cfg.loss,
+                                        cfg.label_smoothing)
                 acc.backward(losses.mean() / cfg.grad_accum)
+            stats.append(pair_metrics(torch.stack([logps[:n], logps[n:]], 1).detach(), ref_b, cfg))
             tokens += sum(len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids) for ex in batch)
-            m = {"loss": losses.mean().item(), "acc": reward_accuracy(rc, rr).mean().item(),
-                 "margin": (rc - rr).mean().item(), "chosen_reward": rc.mean().item(),
-                 "rejected_reward": rr.mean().item(), "chosen_logp": logps[:n].mean().item(),
-                 "rejected_logp": logps[n:].mean().item()}
-            for k, v in m.items():
-                stats[k] = stats.get(k, 0.0) + v / cfg.grad_accum
-        gnorm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        gnorm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        if gnorm is not None:
-            stats["grad_norm"] = float(gnorm)
-        window.append(stats)
-        out_of_time = time.time() > deadline
-        if step % cfg.log_every == 0 or step == steps or out_of_time:
-            row = {k: sum(w[k] for w in window if k in w) / len(window) for k in window[0]}
-            dt = time.time() - t_window
-            row.update(lr=sched.get_last_lr()[0], tokens_per_s=core.tokens_per_second(tokens, dt),
-                       step_time_s=dt / len(window))
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.2f}")
-            run.log(step, **row)
-            window, tokens, t_window = [], 0, time.time()
-        if step % cfg.eval_every == 0 or step == steps or out_of_time:
-            if acc.is_main_process:
-                last_eval = evaluate()
-                run.log(step, **last_eval)
-                say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
-            t_window = time.time()  # evaluation time is not training time
-        if step % cfg.save_every == 0 and step < steps and not out_of_time:
-            core.save_checkpoint(run, step, acc, model, tokenizer, opt, sched, keep_last=cfg.keep_last)
-            t_window = time.time()  # nor is checkpointing
-        if out_of_time:
-            say(f"max_minutes={cfg.max_minutes} reached at step {step}/{steps}; stopping")
-            break
-    bar.close()
-    train_s = time.time() - t0
+        means = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}  # over the micro-batches
+        loop.record(tokens=tokens, grad_norm=float(gnorm), **means)
 
-    summary: dict[str, Any] = {"train_time_s": round(train_s, 1), "reference_time_s": round(t_ref, 1),
-                               "planned_steps": steps, "data": report.to_dict(), "train_pairs": len(train_set),
-                               "pairs_seen": step * cfg.batch_size * cfg.grad_accum * acc.num_processes,
-                               "eval_pairs": n_eval, "heldout_pairs": len(eval_set),
-                               "cpu_time_s": round(time.process_time(), 1), **last_eval}
+    summary = {"reference_time_s": round(t_ref, 1), "data": report.to_dict(), "train_pairs": len(train_set),
+               "pairs_seen": loop.step * cfg.batch_size * cfg.grad_accum * acc.num_processes,
+               "eval_pairs": n_eval, "heldout_pairs": len(eval_set), "cpu_time_s": round(time.process_time(), 1)}
     if cfg.judge and prompts and acc.is_main_process:
         summary.update(judge_win_rate(model, tokenizer, prompts, cfg))
         say(f"win rate vs the starting policy ({summary['judge_prompts']} prompts, judge {cfg.judge}): "
             f"{summary['win_rate']:.3f}")
-    if acc.is_main_process:
-        plot_curves(run.read_metrics(), PLOT_KEYS, run.path / "dpo.png", title=f"DPO ({cfg.loss}, beta={cfg.beta})")
-    return core.finish(run, acc, model, tokenizer, step, merge=cfg.lora and core.starts_from_adapter(cfg.model),
-                       **summary)
+    return loop.finish(merge=cfg.lora and core.starts_from_adapter(cfg.model), **summary)
