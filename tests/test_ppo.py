@@ -27,11 +27,32 @@ def test_gae_matches_hand_computed_values_and_ignores_padding():
     torch.testing.assert_close(ret, torch.tensor([[4.3696, 4.43, 3.0], [1.4, 1.0, 0.0]]))
 
 
-def test_gae_with_lambda_one_and_zero_values_is_the_discounted_return():
-    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
-    mask = torch.tensor([[1, 1, 1, 0]])
-    g = pm.discounted_returns(rewards, mask, gamma=0.5)
-    torch.testing.assert_close(g, torch.tensor([[0.25, 0.5, 1.0, 0.0]]))
+def test_gae_equals_a_plain_python_loop_and_lambda_one_is_the_discounted_return():
+    """gae() against the textbook recursion written out per row in Python floats (gamma, lam
+    not 1; rows of different lengths; junk in the padding that must not leak back), and with
+    lam = 1, V = 0 against sum_k gamma^k r_{t+k}."""
+    g = torch.Generator().manual_seed(0)
+    lengths, T, gamma, lam = [7, 5, 1, 3, 0], 7, 0.9, 0.8
+    rewards = torch.randn(len(lengths), T, generator=g, dtype=torch.float64)
+    values = torch.randn(len(lengths), T, generator=g, dtype=torch.float64)
+    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+    rewards[~mask], values[~mask] = 1e6, -1e6  # padding junk
+
+    want_adv, want_ret, want_g = (torch.zeros(len(lengths), T, dtype=torch.float64) for _ in range(3))
+    for b, n in enumerate(lengths):
+        r, v = rewards[b, :n].tolist(), values[b, :n].tolist()
+        a = 0.0
+        for t in reversed(range(n)):
+            next_v = v[t + 1] if t + 1 < n else 0.0  # the episode ends after the last real token
+            a = r[t] + gamma * next_v - v[t] + gamma * lam * a
+            want_adv[b, t], want_ret[b, t] = a, a + v[t]
+            want_g[b, t] = sum(gamma ** k * r[t + k] for k in range(n - t))
+
+    adv, ret = pm.gae(rewards, values, mask.long(), gamma=gamma, lam=lam)
+    torch.testing.assert_close(adv, want_adv)
+    torch.testing.assert_close(ret, want_ret)
+    torch.testing.assert_close(pm.gae(rewards, torch.zeros_like(values), mask, gamma=gamma, lam=1.0)[0], want_g)
+    torch.testing.assert_close(pm.discounted_returns(rewards, mask, gamma=gamma), want_g)
 
 
 def test_shape_rewards_puts_the_score_on_the_last_real_token():
@@ -65,10 +86,12 @@ def test_kl_estimators_are_unbiased_under_exact_expectation():
 
 
 def test_logprobs_and_entropy_from_logits():
+    from chatforge.models.logprobs import entropy_from_logits, logprobs_from_logits
+
     logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])
-    lp = pm.logprobs_from_logits(logits, torch.tensor([[2, 0]]))
+    lp = logprobs_from_logits(logits, torch.tensor([[2, 0]]))
     torch.testing.assert_close(lp, torch.log_softmax(logits, -1)[0, [0, 1], [2, 0]].unsqueeze(0))
-    h = pm.entropy_from_logits(logits)
+    h = entropy_from_logits(logits)
     torch.testing.assert_close(h[0, 1], torch.tensor(math.log(3.0)))
     p = torch.softmax(logits[0, 0], -1)
     torch.testing.assert_close(h[0, 0], -(p * p.log()).sum())
@@ -256,7 +279,7 @@ def test_classifier_reward_reads_the_label_logit(tmp_path):
 def test_reward_model_reward_matches_the_rm_scorer(tmp_path):
     from chatforge.models.heads import RewardModel, reward_pad_token
     from chatforge.models.tiny import tiny_model, tiny_tokenizer
-    from chatforge.train.rm import load_scorer
+    from chatforge.models.heads import load_scorer
 
     tok = tiny_tokenizer()
     pad = reward_pad_token(tok)
@@ -410,24 +433,57 @@ def test_lora_reference_is_the_adapter_off_start_model(tmp_path):
     assert json.loads((Path(cfg.out) / "summary.json").read_text())["layout"].startswith("lora")
 
 
-def test_resume_continues_with_value_head_and_kl_controller(tmp_path):
-    from chatforge.runs import latest_checkpoint
+class Killed(Exception):
+    pass
+
+
+def _final_weights(run) -> dict[str, torch.Tensor]:
+    """Every tensor of a run's ``model/`` (policy or adapter, and the value head)."""
+    from safetensors.torch import load_file
+
+    return {f"{f.stem}.{k}": v for f in sorted((Path(run) / "model").glob("*.safetensors"))
+            for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_killed_and_resumed_run_matches_a_straight_run(tmp_path, lora):
+    """PPO with a value head and the adaptive KL controller, killed at step 3 and resumed from
+    the checkpoint of step 2: the same final weights (policy and value head), curves, samples
+    and controller as a run that never stopped. A finished run resumed for more steps continues."""
     from chatforge.train.ppo import train
 
-    over = ["max_steps=2", "save_every=1", "adaptive_kl=true", "kl_target=0.01", "kl_horizon=10", "rollout_batch=4",
-            "ppo_epochs=1"]
-    train(_cfg(tmp_path, "r", *over))
-    full = _metrics(tmp_path / "r")
-    ck = latest_checkpoint(tmp_path / "r")
+    over = ["max_steps=4", "save_every=2", "sample_every=1", "adaptive_kl=true", "kl_target=0.01", "kl_horizon=10",
+            "rollout_batch=4", "ppo_epochs=2", f"lora={str(lora).lower()}"]
+    train(_cfg(tmp_path, "straight", *over))
+
+    def kill_at_3(step, model, idx):
+        if step == 3:
+            raise Killed
+
+    cfg = _cfg(tmp_path, "killed", *over)
+    with pytest.raises(Killed):
+        train(cfg, on_step=kill_at_3)
+    ck = tmp_path / "killed" / "checkpoints" / "step-0000002"
     assert (ck / "value_head.safetensors").exists()
-    state = torch.load(ck / "trainer_state" / "state.pt", weights_only=False)
-    beta_after_2 = state["extra"]["kl_ctl"]["value"]
+    beta_after_2 = json.loads((ck / "trainer_state" / "loop.json").read_text())["method"]["kl_ctl"]["value"]
     assert beta_after_2 != 0.01  # the adaptive controller moved
-    train(_cfg(tmp_path, "r", *over[1:], "max_steps=3"), resume=True)
-    rows = _metrics(tmp_path / "r")
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert rows[:2] == full
+    train(cfg, resume=True)
+
+    straight, resumed = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "killed")
+    assert straight.keys() == resumed.keys() and any(k.startswith("value_head.") for k in straight)
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    clocks = {"time", "tokens_per_s", "step_time_s", "train_min", "episodes_per_s", "time_rollout", "time_score",
+              "time_update"}
+    rows = _metrics(tmp_path / "killed")
+    assert [{k: v for k, v in r.items() if k not in clocks} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in clocks} for r in _metrics(tmp_path / "straight")]
     assert rows[2]["kl_coef"] == pytest.approx(beta_after_2)  # the controller state came back
+    assert [json.loads(x)["step"] for x in (tmp_path / "killed" / "samples.jsonl").read_text().splitlines()] == \
+        [json.loads(x)["step"] for x in (tmp_path / "straight" / "samples.jsonl").read_text().splitlines()]
+
+    train(_cfg(tmp_path, "killed", *over, "max_steps=5"), resume=True)
+    assert [r["step"] for r in _metrics(tmp_path / "killed")] == [1, 2, 3, 4, 5]
 
 
 def test_cli_ppo_end_to_end_and_errors(tmp_path, capsys):

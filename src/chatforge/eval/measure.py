@@ -25,7 +25,7 @@ def response_logprobs(model, prompt_ids: Sequence[Sequence[int]], response_ids: 
     fp32 log-softmax). Prompts are cut from the left when the pair exceeds ``max_len``."""
     import torch
 
-    from chatforge.train.ppo_math import logprobs_from_logits
+    from chatforge.models.logprobs import logprobs_from_logits
 
     seqs = []
     for p, r in zip(prompt_ids, response_ids):
@@ -64,7 +64,7 @@ def heldout_nll(model, tokenizer, convs: list[list[dict]], template: str, batch_
     import torch
 
     from chatforge.data.tokenize import encode_messages
-    from chatforge.train.ppo_math import logprobs_from_logits
+    from chatforge.models.logprobs import logprobs_from_logits
 
     encs = []
     for c in convs:

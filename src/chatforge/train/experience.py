@@ -34,6 +34,7 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 import torch.nn as nn
 
+from chatforge.models.logprobs import backbone_and_head, entropy_from_logits, logprobs_from_logits
 from chatforge.train import ppo_math as pm
 
 Messages = list[dict[str, str]]
@@ -62,6 +63,27 @@ def rollout(engine, prompts: Sequence[Messages], prompt_ids: Sequence[list[int]]
         eps.append(Episode(prompts[i], ids[j], list(c.token_ids), c.text, c.finish_reason != "length",
                            list(c.logprobs) if c.logprobs is not None else None, group=i))
     return eps
+
+
+def sampling_config(cfg, tokenizer, seed: int, temperature: float | None = None,
+                    max_new_tokens: int | None = None):
+    """Engine settings for rollouts (``cfg``: a ``PPOConfig``); stop strings only when the
+    end of turn is several tokens. Sampled log-probs are kept for the consistency check."""
+    from chatforge.data.templates import stop_strings
+    from chatforge.generate.engine import SamplingConfig
+
+    t = cfg.temperature if temperature is None else temperature
+    stops = [] if _single_token_eot(tokenizer, cfg) else stop_strings(tokenizer, cfg.template)
+    return SamplingConfig(max_new_tokens=max_new_tokens or cfg.response_len, temperature=t,
+                          top_k=cfg.top_k if t > 0 else 0, top_p=cfg.top_p if t > 0 else 1.0, stop=stops,
+                          seed=seed, logprobs=True)
+
+
+def _single_token_eot(tokenizer, cfg) -> bool:
+    from chatforge.data.templates import end_of_turn
+
+    eot = end_of_turn(tokenizer, cfg.template)
+    return not eot or len(tokenizer(eot, add_special_tokens=False)["input_ids"]) == 1
 
 
 # ---------------------------------------------------------------- batches
@@ -101,17 +123,6 @@ def collate(episodes: Sequence[Episode], pad_id: int) -> Batch:
 
 
 # ---------------------------------------------------------------- the forward pass
-def body_and_head(model) -> tuple[nn.Module, nn.Module]:
-    """Transformer body and LM head of a causal LM (through a PEFT wrapper too)."""
-    from chatforge.models.lora import is_peft
-
-    base = model.get_base_model() if is_peft(model) else model
-    body, head = base.get_decoder(), base.get_output_embeddings()
-    if body is None or body is base or not isinstance(head, nn.Linear):
-        raise ValueError(f"{type(base).__name__}: PPO needs a decoder body and a linear LM head")
-    return body, head
-
-
 @dataclass
 class ForwardOut:
     logp: torch.Tensor                    # [B, R] log-prob of each response token
@@ -125,6 +136,10 @@ class PolicyValue(nn.Module):
     The value head reads the *policy's* last hidden state (shared trunk): no second network,
     no second forward. ``temperature`` divides the logits so that log-probs and KL are
     those of the distribution actually sampled from.
+
+    Under DDP the trainer wraps this module (policy and value head together, so both are
+    synced and checkpointed); only the update's forward goes through the wrapper, every
+    other pass (old and reference log-probs, evaluation) through the plain module.
     """
 
     def __init__(self, model: nn.Module, value_head: nn.Module | None = None, temperature: float = 1.0):
@@ -132,7 +147,10 @@ class PolicyValue(nn.Module):
         self.model = model
         self.value_head = value_head
         self.temperature = temperature
-        self._parts = body_and_head(model)
+        parts = backbone_and_head(model)
+        if parts is None:
+            raise ValueError(f"{type(model).__name__}: PPO needs a decoder body and a plain linear LM head")
+        self._parts = parts  # a tuple: not registered twice as submodules
 
     def forward(self, b: Batch, values: bool = True, entropy: bool = False) -> ForwardOut:
         body, head = self._parts
@@ -143,12 +161,12 @@ class PolicyValue(nn.Module):
         logits = head(h).float()
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        out = ForwardOut(pm.logprobs_from_logits(logits, b.response))
+        out = ForwardOut(logprobs_from_logits(logits, b.response))
         if values and self.value_head is not None:
             out.values = self.value_head.per_token(h)
         if entropy:
             with torch.no_grad():
-                out.entropy = pm.entropy_from_logits(logits)
+                out.entropy = entropy_from_logits(logits)
         return out
 
 
@@ -180,7 +198,8 @@ def teacher_forced(pv: PolicyValue, episodes: Sequence[Episode], order: Sequence
                    ref_context: Callable[[], ContextManager] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[N, R]`` log-probs (and values) of every episode, computed micro-batch by
-    micro-batch in ``order`` (the update's first-epoch order: bit-identical forwards)."""
+    micro-batch in ``order`` (the update's first-epoch order: bit-identical forwards).
+    ``pv`` is the plain module, not a DDP wrapper (no gradients, nothing to sync)."""
     N, R = len(episodes), max(len(e.response_ids) for e in episodes)
     logp = torch.zeros(N, R)
     vals = torch.zeros(N, R) if values else None

@@ -1,7 +1,9 @@
 """RLHF: PPO with a per-token KL penalty to the frozen starting (SFT) policy, and RLOO.
 
 One step = experience (``experience.py``: roll out, score, old/reference log-probs,
-advantages) + update (this file: a few epochs of clipped-surrogate minibatch SGD).
+advantages) + update (this file: a few epochs of clipped-surrogate minibatch SGD). The loop
+around it (budget, logging, checkpoints with the value head and the KL controller, exact
+resume, ranks that agree) is :mod:`chatforge.train.loop`'s.
 
 * ``algo=ppo`` (Schulman et al. 2017; Ziegler et al. 2019; InstructGPT): per-token reward
   ``-beta * KL_t`` plus the score on the last token, GAE(gamma, lambda) with a value head,
@@ -18,12 +20,17 @@ Memory layouts (``summary.json`` records ``layout`` and ``peak_rss_mb``):
   base can join as another adapter (``--reward "rm:RUN?share=true"``).
 * full fine-tuning: the policy + a frozen copy as reference (+ the head).
 
+Several processes (``torchrun``): each rank rolls out its own share of the step's prompts;
+policy and value head are one DDP module (:class:`~chatforge.train.experience.PolicyValue`),
+whose wrapper runs only the update's forward (gradients synced); rollouts, old/reference
+log-probs and evaluation use the plain module. The KL controller sees the KL of all ranks.
+
 Levers, in the order they matter on a 2-core CPU: LoRA (no second model, small optimizer
 state), bf16 autocast, the LM head only on response positions, response length
 (``response_len``), ``ppo_epochs`` (each is a forward + backward over the whole batch).
 
-Logged per step (``metrics.jsonl``; ``reward_kl.png``; ``samples.jsonl`` every
-``sample_every`` steps):
+Logged per step (``metrics.jsonl``, averaged over ranks; ``reward_kl.png``; ``samples.jsonl``
+every ``sample_every`` steps):
 
 * ``reward`` / ``reward_std``  weighted reward of the rollouts before whitening/penalties;
   ``score``: what was optimised; ``reward/NAME``: each component.
@@ -34,7 +41,8 @@ Logged per step (``metrics.jsonl``; ``reward_kl.png``; ``samples.jsonl`` every
 * ``policy_loss``, ``value_loss``, ``approx_kl`` (KL(old || new), k3), ``ratio_dev0``
   (max |log pi - log pi_old| on the first minibatch before any update: must be 0).
 * ``response_len``, ``eot_rate`` (share of responses that ended their turn),
-  ``tokens_per_s`` (response tokens per second of the whole step), ``episodes_per_s``.
+  ``tokens_per_s`` (response tokens of all ranks per second of the step), ``episodes_per_s``,
+  ``episodes`` (all ranks, so far).
 
 Debugging tips: ``ratio_dev0`` must be exactly 0 and ``kl`` 0 at step 1 (for a fresh LoRA
 adapter: B = 0). A reward that rises while ``kl`` explodes and ``entropy`` collapses is
@@ -54,16 +62,21 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
+import torch.nn as nn
 
 from chatforge.config import check_range
+from chatforge.data.split import read_prompts, split_indices
 from chatforge.errors import ConfigError, DataError
-from chatforge.runs import Run, checkpoint_step, plot_curves
+from chatforge.runs import Run, atomic_write_text
+from chatforge.textstats import compare_scores, degeneration
 from chatforge.train import core
 from chatforge.train import experience as xp
 from chatforge.train import ppo_math as pm
 from chatforge.train.core import TrainConfig
+from chatforge.train.loop import Checkpointer, Loop, finished, open_run
 
 Messages = list[dict[str, str]]
+PLOT_KEYS = ["reward", "kl", "kl_coef", "entropy", "clip_frac", "value_loss", "response_len", "eot_rate"]
 
 
 # ---------------------------------------------------------------- config
@@ -164,46 +177,18 @@ class PPOConfig(TrainConfig):
 
 
 # ---------------------------------------------------------------- prompts
-def read_prompts(paths: Sequence[str], fmt: str | None) -> tuple[list[Messages], int]:
-    """Prompt messages of every record in ``paths`` (Prompt records, or the prompt part of
-    Conversation / Preference / Ranking records), de-duplicated; and the unreadable count."""
-    from chatforge.data.readers import read_file
-    from chatforge.data.records import prompt_of
-
-    out, seen, errors = [], set(), 0
-    for path in paths:
-        if not Path(path).exists():
-            raise DataError(f"{path}: no such file")
-        res = read_file(path, format=fmt, on_error="skip")
-        errors += len(res.errors)
-        for rec in res.records:
-            try:
-                p = prompt_of(rec)
-            except ValueError:
-                continue
-            key = tuple((m["role"], m["content"]) for m in p)
-            if p and p[-1]["role"] == "user" and key not in seen:
-                seen.add(key)
-                out.append(p)
-    return out, errors
-
-
 def load_prompts(cfg: PPOConfig, log=print) -> tuple[list[Messages], list[Messages]]:
-    """(train prompts, held-out prompts)."""
-    import numpy as np
-
+    """(train prompts, held-out prompts): ``eval_data``, else the seeded record split of
+    :mod:`chatforge.data.split` (nothing held out without ``final_eval``)."""
     if not cfg.data:
         raise ConfigError("prompts: give at least one prompt file (--prompts)")
-    prompts, errors = read_prompts(cfg.data, cfg.format)
-    if errors:
-        log(f"{errors} unreadable records skipped")
+    prompts, _ = read_prompts(cfg.data, cfg.format, log)
     if cfg.eval_data:
-        held, _ = read_prompts(cfg.eval_data, cfg.format)
+        held, _ = read_prompts(cfg.eval_data, cfg.format, log)
     else:
-        n_eval = min(cfg.max_eval_records, int(round(cfg.eval_fraction * len(prompts)))) if cfg.final_eval else 0
-        perm = np.random.default_rng(cfg.seed).permutation(len(prompts)).tolist()
-        held = [prompts[i] for i in perm[:n_eval]]
-        prompts = [prompts[i] for i in sorted(perm[n_eval:])]
+        train_idx, held_idx = split_indices(len(prompts), cfg.eval_fraction if cfg.final_eval else 0.0, cfg.seed,
+                                            cfg.max_eval_records)
+        prompts, held = [prompts[i] for i in train_idx], [prompts[i] for i in held_idx]
     if not prompts:
         raise DataError(f"{', '.join(cfg.data)}: no usable prompts")
     return prompts, held[:cfg.max_eval_records]
@@ -217,13 +202,6 @@ def encode_prompts(tokenizer, prompts: Sequence[Messages], cfg: PPOConfig) -> li
 
 
 # ---------------------------------------------------------------- models
-def load_policy(name: str):
-    """The starting policy (an SFT LoRA run is merged, so that it *is* the reference)."""
-    from chatforge.models.load import load_model
-
-    return load_model(name, dtype="fp32", merge_adapter=True)
-
-
 def disable_dropout(model) -> None:
     """p = 0 in every dropout layer (LoRA's too): with dropout on, the policy/old ratio
     would not be 1 even before an update, and the KL to the reference would be noise."""
@@ -237,36 +215,26 @@ def new_value_head(model):
     first value losses are the plain squared returns instead of noise on top of them."""
     from chatforge.models.heads import ScalarHead
 
-    cfg = model.config
-    return ScalarHead(cfg.hidden_size, bias=True, init_std=0.0)
-
-
-def sampling_config(cfg: PPOConfig, tokenizer, seed: int, temperature: float | None = None,
-                    max_new_tokens: int | None = None):
-    """Engine settings for rollouts; stop strings only when the end of turn is several tokens."""
-    from chatforge.data.templates import stop_strings
-    from chatforge.generate.engine import SamplingConfig
-
-    t = cfg.temperature if temperature is None else temperature
-    stops = [] if _single_token_eot(tokenizer, cfg) else stop_strings(tokenizer, cfg.template)
-    return SamplingConfig(max_new_tokens=max_new_tokens or cfg.response_len, temperature=t,
-                          top_k=cfg.top_k if t > 0 else 0, top_p=cfg.top_p if t > 0 else 1.0, stop=stops,
-                          seed=seed, logprobs=True)
-
-
-def _single_token_eot(tokenizer, cfg: PPOConfig) -> bool:
-    from chatforge.data.templates import end_of_turn
-
-    eot = end_of_turn(tokenizer, cfg.template)
-    return not eot or len(tokenizer(eot, add_special_tokens=False)["input_ids"]) == 1
+    return ScalarHead(model.config.hidden_size, bias=True, init_std=0.0)
 
 
 # ---------------------------------------------------------------- the update
-def ppo_update(pv, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_id: int, seed: int) -> dict[str, float]:
+def rank_mean(accelerator, x: float) -> float:
+    """The mean of ``x`` over ranks (collective; ``x`` itself on one process)."""
+    if accelerator.num_processes == 1:
+        return x
+    t = accelerator.reduce(torch.tensor([x], dtype=torch.float64, device=accelerator.device), reduction="sum")
+    return t.item() / accelerator.num_processes
+
+
+def ppo_update(pv_t, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_id: int, seed: int) -> dict[str, float]:
     """``ppo_epochs`` passes of clipped-surrogate SGD over the step's episodes.
 
-    Epoch 0 walks the micro-batches in ``exp.order`` -- the order the old log-probs were
-    computed in -- so the first minibatch sees ratio == 1 exactly. Returns mean statistics.
+    ``pv_t`` is the prepared (under DDP: wrapped) :class:`~chatforge.train.experience.PolicyValue`,
+    so its backward syncs gradients. Epoch 0 walks the micro-batches in ``exp.order`` -- the
+    order the old log-probs were computed in -- so the first minibatch sees ratio == 1
+    exactly. The ``kl_stop`` early stop is decided on the KL of all ranks (they stop
+    together). Returns mean statistics.
     """
     dev = accelerator.device
     use_values = cfg.algo == "ppo"
@@ -288,10 +256,9 @@ def ppo_update(pv, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_id:
                 b = xp.collate([exp.episodes[i] for i in rows], pad_id).to(dev)
                 R = b.response.shape[1]
                 mask = exp.mask[rows, :R].to(dev)
-                sync = accelerator.no_sync(pv) if j < len(micros) - 1 else nullcontext()
-                with sync:
+                with accelerator.no_sync(pv_t) if j < len(micros) - 1 else nullcontext():
                     with accelerator.autocast():
-                        out = pv(b, values=use_values, entropy=epoch == 0)
+                        out = pv_t(b, values=use_values, entropy=epoch == 0)
                     old = exp.old_logp[rows, :R].to(dev)
                     pl = pm.policy_loss(out.logp, old, exp.advantages[rows, :R].to(dev), mask, cfg.clip)
                     loss = pl.loss
@@ -308,12 +275,12 @@ def ppo_update(pv, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_id:
                     add(entropy=pm.masked_mean(out.entropy, mask).item())
                 kls.append(pl.approx_kl.item())
             if cfg.grad_clip > 0:
-                gn = accelerator.clip_grad_norm_(pv.parameters(), cfg.grad_clip)
+                gn = accelerator.clip_grad_norm_(pv_t.parameters(), cfg.grad_clip)
                 add(grad_norm=float(gn))
             opt.step()
             opt.zero_grad(set_to_none=True)
             before_update = False
-            if cfg.kl_stop > 0 and sum(kls) / len(kls) > cfg.kl_stop:
+            if cfg.kl_stop > 0 and rank_mean(accelerator, sum(kls) / len(kls)) > cfg.kl_stop:
                 stopped = True
                 break
         if stopped:
@@ -332,14 +299,15 @@ def generate_texts(model, tokenizer, prompt_ids: list[list[int]], cfg: PPOConfig
 
     with context():
         eng = Engine(model, tokenizer)
-        comps = eng.generate(prompt_ids, sampling_config(cfg, tokenizer, seed, temperature))
+        comps = eng.generate(prompt_ids, xp.sampling_config(cfg, tokenizer, seed, temperature))
     return [xp.Episode([], p, list(c.token_ids), c.text, c.finish_reason != "length", c.logprobs)
             for p, c in zip(prompt_ids, comps)]
 
 
 def evaluate_policy(pv: xp.PolicyValue, ref_pv: xp.PolicyValue, ref_context, tokenizer, prompts: list[Messages],
                     cfg: PPOConfig, rewards, judge, pad_id: int, device, autocast=nullcontext) -> dict[str, Any]:
-    """The trained policy vs the starting policy on held-out prompts.
+    """The trained policy vs the starting policy on held-out prompts (``pv``, ``ref_pv``:
+    plain modules, not DDP wrappers).
 
     * ``win_rate``: both answer every prompt (``eval_temperature``; greedy by default), the
       judge reward model scores both, ties count half.
@@ -348,8 +316,6 @@ def evaluate_policy(pv: xp.PolicyValue, ref_pv: xp.PolicyValue, ref_context, tok
     * ``kl_eval``: Monte-Carlo KL(policy || start) in nats per response, responses sampled at
       the training temperature, both log-probs from the same teacher-forced pass.
     """
-    from chatforge.eval.metrics import compare_scores, degeneration
-
     model = pv.model
     ids = encode_prompts(tokenizer, prompts[:cfg.eval_prompts], cfg)
     use = prompts[:len(ids)]
@@ -387,11 +353,10 @@ def evaluate_policy(pv: xp.PolicyValue, ref_pv: xp.PolicyValue, ref_context, tok
 
 def find_judge(cfg: PPOConfig, rewards):
     """The reward model that judges the win rate: ``judge``, else the first ``rm:`` reward."""
+    from chatforge.models.heads import load_scorer
     from chatforge.train.rewards import ModelReward
 
     if cfg.judge:
-        from chatforge.train.rm import load_scorer
-
         return load_scorer(cfg.judge, batch_size=cfg.reward_batch_size)
     for _, fn, _ in rewards.parts:
         if isinstance(fn, ModelReward):
@@ -400,9 +365,6 @@ def find_judge(cfg: PPOConfig, rewards):
 
 
 # ---------------------------------------------------------------- the loop
-PLOT_KEYS = ["reward", "kl", "kl_coef", "entropy", "clip_frac", "value_loss", "response_len", "eot_rate"]
-
-
 def total_ppo_steps(cfg: PPOConfig, n_prompts: int, world: int = 1) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -419,34 +381,63 @@ def write_samples(run: Run, step: int, exp: xp.Experience, n: int) -> None:
                                 "finished": e.finished}, ensure_ascii=False) + "\n")
 
 
-def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
-          reward_fns: Sequence[Callable] = ()) -> Path:
-    """Run PPO / RLOO; returns the run folder's ``model/``. ``reward_fns`` are extra Python
-    callables ``f(prompts, responses) -> list[float]`` (weight 1), for use from Python."""
-    from tqdm.auto import tqdm
+def forget_samples_after(run: Run, step: int) -> None:
+    """On resume: drop samples of steps after the checkpoint (they are rolled out again)."""
+    f = run.path / "samples.jsonl"
+    if run.is_main and f.exists():
+        keep = [ln for ln in f.read_text(encoding="utf-8").splitlines(keepends=True)
+                if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_text(f, "".join(keep))
 
+
+def first_and_last(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Means of the first and last few logged steps of the curves worth comparing."""
+    out: dict[str, float] = {}
+    rows = [r for r in rows if "reward" in r]
+    if rows:
+        n = max(1, min(3, len(rows) // 4))
+        for k in ("reward", "kl", "entropy", "response_len", "eot_rate"):
+            if k in rows[0]:
+                out[f"{k}_first"] = sum(r[k] for r in rows[:n]) / n
+                out[f"{k}_last"] = sum(r[k] for r in rows[-n:]) / n
+    return out
+
+
+OnStep = Callable[[int, nn.Module, list[list[int]]], None]
+
+
+def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
+          reward_fns: Sequence[Callable] = (), on_step: OnStep | None = None) -> Path:
+    """Run PPO / RLOO; returns the run folder's ``model/``. ``reward_fns`` are extra Python
+    callables ``f(prompts, responses) -> list[float]`` (weight 1), for use from Python.
+
+    ``on_step(step, policy, [prompt_indices])`` is called after every step on every rank
+    with this rank's prompt indices of the step (tests hash weights or simulate a kill there).
+    """
     from chatforge.generate.engine import Engine
-    from chatforge.models.load import check_model_exists, load_tokenizer
+    from chatforge.models.load import check_model_exists, load_model, load_tokenizer
     from chatforge.models.lora import is_peft
     from chatforge.train.rewards import build_rewards
 
     check_model_exists(cfg.model)
     if not cfg.rewards and not reward_fns:
         raise ConfigError("rewards: give at least one --reward (rm:RUN, fn:MODULE:FUNCTION, clf:MODEL:LABEL)")
+    if resume and finished(cfg.out, cfg):
+        print(f"{cfg.out} is finished (DONE); nothing to resume")
+        return Path(cfg.out) / "model"
     acc = core.setup_accelerator(cfg)
-    run = Run(cfg.out, resume=resume, overwrite=overwrite, is_main=acc.is_main_process)
-    run.write_config(cfg)
     say = acc.print
-
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts, held_out = load_prompts(cfg, log=say)
+    run = open_run(acc, cfg, resume, overwrite)
     prompt_ids = encode_prompts(tokenizer, prompts, cfg)
-    say(f"{len(prompts)} train prompts, {len(held_out)} held-out prompts; "
-        f"{cfg.episodes_per_step} episodes per step ({cfg.algo}, k={cfg.samples_per_prompt})")
+    rank, world = acc.process_index, acc.num_processes
+    say(f"{len(prompts)} train prompts, {len(held_out)} held-out prompts; {cfg.episodes_per_step} episodes per "
+        f"step and rank ({cfg.algo}, k={cfg.samples_per_prompt}, {world} rank{'s' if world > 1 else ''})")
 
     # models: policy (+ value head); reference = adapter off (LoRA) or a frozen copy
-    model = load_policy(cfg.model)
+    model = load_model(cfg.model, dtype="fp32", merge_adapter=True)  # an SFT adapter is merged: it *is* the reference
     ref_model = None
     if not cfg.lora:
         ref_model = copy.deepcopy(model).eval()
@@ -458,11 +449,6 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
     disable_dropout(model)  # old and new log-probs must come from the same function
     model.train()  # (train mode only so that gradient checkpointing, which HF runs in train mode, works)
     value_head = new_value_head(model).to(acc.device) if cfg.algo == "ppo" else None
-    pv = xp.PolicyValue(model, value_head, cfg.temperature)
-    if ref_model is not None:
-        ref_pv, ref_context = xp.PolicyValue(ref_model.to(acc.device), None, cfg.temperature), None
-    else:
-        ref_pv, ref_context = pv, model.disable_adapter
     layout = "lora: one frozen backbone (policy = adapter, reference = adapter off)" if cfg.lora else \
         "full: policy + frozen reference copy"
     if value_head is not None:
@@ -471,102 +457,70 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
     rewards = build_rewards(list(cfg.rewards) + list(reward_fns), whiten=cfg.reward_whiten, clip=cfg.reward_clip,
                             missing_eot_reward=cfg.missing_eot_reward, onto=model if is_peft(model) else None,
                             batch_size=cfg.reward_batch_size)
-    steps = total_ppo_steps(cfg, len(prompts), acc.num_processes)
+    steps = total_ppo_steps(cfg, len(prompts), world)
     opt = core.build_optimizer(model, cfg)
     if value_head is not None:  # its own lr: a zero-initialised head must learn the return scale quickly
         opt.add_param_group({"params": list(value_head.parameters()), "lr": cfg.value_lr, "weight_decay": 0.0})
     sched = core.build_scheduler(opt, cfg, steps)
-    pv_t, opt, sched = acc.prepare(pv, opt, sched)
+    # one prepared module for policy + value head: DDP syncs both, the checkpoint holds both
+    pv_t, opt, sched = acc.prepare(xp.PolicyValue(model, value_head, cfg.temperature), opt, sched)
+    pv = acc.unwrap_model(pv_t)  # attributes, rollouts, old / reference log-probs, evaluation
+    ref_pv, ref_context = (pv, model.disable_adapter) if ref_model is None else \
+        (xp.PolicyValue(ref_model.to(acc.device), None, cfg.temperature), None)
     kl_ctl = pm.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl \
         else pm.FixedKLController(cfg.kl_coef)
-    extra_modules = {"value_head": value_head} if value_head is not None else None
 
-    step, episodes_seen = 0, 0
-    if resume:
-        state = core.resume_from(run, acc, model, opt, sched, extra_modules=extra_modules)
-        if state is not None:
-            step = state["step"]
-            episodes_seen = int(state.get("episodes", 0))
-            kl_ctl.load_state_dict(state["kl_ctl"])
-            rewards.load_state_dict(state.get("rewards", {}))
-            say(f"resumed from {state['checkpoint']} at step {step}")
-    batches = core.batch_indices(len(prompts), cfg.rollout_batch, cfg.seed, acc.process_index, acc.num_processes,
-                                 start_batch=step)
+    episodes_seen, idx = 0, []
+    saver = Checkpointer(acc, run, model, tokenizer, cfg,
+                         extra_modules={"value_head": value_head} if value_head is not None else None)
+    loop = Loop(acc, run, cfg, steps, cfg.algo, saver, scheduler=sched, show=("reward", "kl"),
+                state=lambda: {"kl_ctl": kl_ctl.state_dict(), "rewards": rewards.state_dict(),
+                               "episodes": episodes_seen},
+                on_step=(lambda s: on_step(s, model, [list(idx)])) if on_step else None,
+                plot=("reward_kl.png", PLOT_KEYS, f"{cfg.algo.upper()} on {cfg.model}"))
+    state = loop.resume(resume)  # policy, value head, optimizer, scheduler, RNG, step
+    if state:
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        rewards.load_state_dict(state["rewards"])
+        episodes_seen = int(state["episodes"])
+        forget_samples_after(run, loop.step)
+    batches = core.batch_indices(len(prompts), cfg.rollout_batch, cfg.seed, rank, world, start_batch=loop.step)
     engine = Engine(model, tokenizer)
-
-    def save(at: int) -> None:
-        core.save_checkpoint(run, at, acc, model, tokenizer, opt, sched, keep_last=cfg.keep_last,
-                             extra={"kl_ctl": kl_ctl.state_dict(), "rewards": rewards.state_dict(),
-                                    "episodes": episodes_seen},
-                             extra_modules=extra_modules)
-
-    t0 = time.time()
-    deadline = run.start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
-    bar = tqdm(total=steps, initial=step, desc=cfg.algo, disable=not acc.is_main_process)
-    window: list[dict[str, float]] = []
-    while step < steps:
-        t_step = time.time()
+    for step in loop:
+        t_step = time.perf_counter()
         idx = next(batches)
-        batch_prompts = [prompts[i] for i in idx]
-        seed = cfg.seed * 1_000_003 + step
+        seed = (cfg.seed * 1_000_003 + step - 1) * world + rank
         # decoding runs in fp32: one token per row per step is latency-bound, and autocast's
         # per-op casts cost more than bf16 matmuls save (measured on SmolLM2, 2-core CPU)
-        episodes = xp.rollout(engine, batch_prompts, [prompt_ids[i] for i in idx],
-                              sampling_config(cfg, tokenizer, seed), cfg.samples_per_prompt)
-        t_gen = time.time() - t_step
+        episodes = xp.rollout(engine, [prompts[i] for i in idx], [prompt_ids[i] for i in idx],
+                              xp.sampling_config(cfg, tokenizer, seed), cfg.samples_per_prompt)
+        t_gen = time.perf_counter() - t_step
         r = rewards([e.prompt for e in episodes], [e.text for e in episodes], [e.finished for e in episodes])
-        t_score = time.time() - t_step - t_gen
+        t_score = time.perf_counter() - t_step - t_gen
         order = xp.minibatches(len(episodes), cfg.batch_size, seed * 1000)
-        exp = xp.make_experience(pv_t, ref_pv, ref_context, episodes, r.scores, order, pad_id=pad_id,
+        exp = xp.make_experience(pv, ref_pv, ref_context, episodes, r.scores, order, pad_id=pad_id,
                                  device=acc.device, autocast=acc.autocast, algo=cfg.algo, kl_coef=kl_ctl.value,
                                  kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
                                  k=cfg.samples_per_prompt, whiten_advantages=cfg.whiten_advantages)
         upd = ppo_update(pv_t, exp, opt, acc, cfg, pad_id, seed)
         sched.step()
-        step += 1
-        episodes_seen += len(episodes)
         beta = kl_ctl.value
-        kl_ctl.update(exp.stats["kl"], len(episodes))
-        dt = time.time() - t_step
-        n_tok = sum(len(e.response_ids) for e in episodes)
-        row: dict[str, float] = {"reward": r.raw.mean().item(), "reward_std": r.raw.std().item() if len(episodes) > 1
-                                 else 0.0, "score": r.scores.mean().item(), "kl_coef": beta}
-        row.update({f"reward/{k}": sum(v) / len(v) for k, v in r.parts.items()} if len(r.parts) > 1 else {})
-        row.update(xp.describe(exp))
-        row.update(upd)
-        row.update(lr=sched.get_last_lr()[0], tokens_per_s=n_tok / dt, episodes_per_s=len(episodes) / dt,
-                   time_rollout=t_gen, time_score=t_score, time_update=dt - t_gen - t_score, episodes=episodes_seen)
-        window.append(row)
-        bar.update(1)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.2f}")
-        out_of_time = time.time() > deadline
-        if step % cfg.log_every == 0 or step == steps or out_of_time:
-            keys = window[-1].keys()
-            avg = {k: sum(w[k] for w in window if k in w) / sum(1 for w in window if k in w) for k in keys}
-            avg["episodes"] = episodes_seen
-            run.log(step, **avg)
-            window = []
+        kl_ctl.update(rank_mean(acc, exp.stats["kl"]), len(episodes) * world)  # every rank: the same beta
+        episodes_seen += len(episodes) * world
+        dt = time.perf_counter() - t_step
+        parts = {f"reward/{k}": sum(v) / len(v) for k, v in r.parts.items()} if len(r.parts) > 1 else {}
+        loop.record(tokens=sum(len(e.response_ids) for e in episodes), reward=r.raw.mean().item(),
+                    reward_std=r.raw.std().item() if len(episodes) > 1 else 0.0, score=r.scores.mean().item(),
+                    kl_coef=beta, **parts, **xp.describe(exp), **upd, episodes_per_s=len(episodes) * world / dt,
+                    time_rollout=t_gen, time_score=t_score, time_update=dt - t_gen - t_score)
+        loop.note(episodes=episodes_seen)
         if step == 1 or step % cfg.sample_every == 0:
             write_samples(run, step, exp, cfg.samples_logged)
-        if step % cfg.save_every == 0 and step < steps and not out_of_time:
-            save(step)
-        if out_of_time:
-            say(f"max_minutes={cfg.max_minutes} reached at step {step}/{steps}; stopping")
-            break
-    bar.close()
-    train_s = time.time() - t0
 
-    rows = run.read_metrics()
-    summary: dict[str, Any] = {"algo": cfg.algo, "layout": layout, "planned_steps": steps, "episodes": episodes_seen,
-                               "train_time_s": round(train_s, 1), "train_prompts": len(prompts)}
-    if rows:
-        head, tail = rows[:max(1, min(3, len(rows) // 4))], rows[-max(1, min(3, len(rows) // 4)):]
-        for k in ("reward", "kl", "entropy", "response_len", "eot_rate"):
-            if k in rows[0]:
-                summary[f"{k}_first"] = sum(r_[k] for r_ in head) / len(head)
-                summary[f"{k}_last"] = sum(r_[k] for r_ in tail) / len(tail)
-        summary["episodes_per_s"] = episodes_seen / max(train_s, 1e-9)
-    summary["kl_coef_final"] = kl_ctl.value
+    summary: dict[str, Any] = {"algo": cfg.algo, "layout": layout, "episodes": episodes_seen,
+                               "train_prompts": len(prompts), "kl_coef_final": kl_ctl.value,
+                               "episodes_per_s": episodes_seen / max(loop.train_s, 1e-9)}
+    summary.update(first_and_last(run.read_metrics() if acc.is_main_process else []))
     if cfg.final_eval and held_out and acc.is_main_process:
         with torch.random.fork_rng(devices=[]):
             ev = evaluate_policy(pv, ref_pv, ref_context, tokenizer, held_out, cfg, rewards, find_judge(cfg, rewards),
@@ -574,10 +528,4 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
         run.write_json("eval.json", ev)
         summary.update({k: v for k, v in ev.items() if k != "examples"})
         say("held-out: " + ", ".join(f"{k}={v:.3f}" for k, v in ev.items() if isinstance(v, float)))
-    if acc.is_main_process:
-        plot_curves(rows, PLOT_KEYS, run.path / "reward_kl.png", title=f"{cfg.algo.upper()} on {cfg.model}")
-    latest = run.latest_checkpoint()
-    if latest is None or checkpoint_step(latest) != step:
-        save(step)  # with the value head and controller state, so the final step can be resumed from
-    return core.finish(run, acc, model, tokenizer, step, merge=cfg.lora and core.starts_from_adapter(cfg.model),
-                       **summary)
+    return loop.finish(merge=cfg.lora and core.starts_from_adapter(cfg.model), **summary)

@@ -3,7 +3,8 @@
 Shapes: per-token quantities are ``[B, T]`` over *response* tokens, right-padded; ``mask``
 is ``[B, T]`` with 1 on real response tokens (prompt and padding excluded). Each row's
 real tokens form a prefix ``0..len-1`` (the end-of-turn token, when sampled, is the last).
-Scalar per-sequence quantities are ``[B]``.
+Scalar per-sequence quantities are ``[B]``. Log-probabilities and entropies of logits are
+:mod:`chatforge.models.logprobs`'s (shared with every trainer and the evaluation).
 
 Where the silent bugs of PPO for language models live, and how these functions avoid them:
 
@@ -57,24 +58,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     if not shift_mean:
         out = out + mean
     return torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
-
-
-# ---------------------------------------------------------------- log-probs, entropy
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under ``softmax(logits)``: ``[B, T, V], [B, T] -> [B, T]`` (fp32).
-
-    ``gather - logsumexp`` instead of a full ``log_softmax``: one fewer ``[B, T, V]`` tensor.
-    """
-    logits = logits.float()
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H(p) = logsumexp(z) - sum_v p_v z_v, per position: ``[B, T, V] -> [B, T]``."""
-    logits = logits.float()
-    p = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
 
 
 # ---------------------------------------------------------------- KL estimators
