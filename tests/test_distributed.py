@@ -83,6 +83,7 @@ CONFIGS = {
     "dpo": dict(data=[str(DEMO / "prefs.jsonl")], eval_fraction=0.1, max_len=768, grad_accum=2, lr=2e-3,
                 kl_prompts=0, max_eval_records=8),
     "ppo": dict(data=[str(DEMO / "prompts.jsonl")], algo="ppo", response_len=6, lr=3e-3, ppo_epochs=2,
+                reward_whiten=True, adaptive_kl=True,  # state every rank must agree on
                 final_eval=False, rewards=["fn:chatforge.train.reward_fns:length_target?target=20&unit=chars"]),
     "rloo": dict(data=[str(DEMO / "prompts.jsonl")], algo="rloo", samples_per_prompt=2, response_len=6,
                  lr=3e-3, ppo_epochs=1, final_eval=False,

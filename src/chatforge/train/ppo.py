@@ -457,6 +457,8 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
     rewards = build_rewards(list(cfg.rewards) + list(reward_fns), whiten=cfg.reward_whiten, clip=cfg.reward_clip,
                             missing_eot_reward=cfg.missing_eot_reward, onto=model if is_peft(model) else None,
                             batch_size=cfg.reward_batch_size)
+    if world > 1:  # whitening statistics over every rank's scores (the same on all ranks)
+        rewards.gather = lambda t: acc.gather(t.to(acc.device)).cpu()
     steps = total_ppo_steps(cfg, len(prompts), world)
     opt = core.build_optimizer(model, cfg)
     if value_head is not None:  # its own lr: a zero-initialised head must learn the return scale quickly

@@ -239,6 +239,9 @@ class Rewards:
         self.parts = [(f"{n}_{i}" if names.count(n) > 1 else n, f, w) for i, (n, f, w) in enumerate(parts)]
         self.whiten, self.clip, self.missing_eot_reward = whiten, clip, missing_eot_reward
         self.moments = RunningMoments()
+        # on N processes: all ranks' scores (e.g. ``accelerator.gather``), so every rank whitens
+        # with the same running statistics and a checkpoint's (rank 0's) are every rank's
+        self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, prompts: Sequence[Messages], responses: Sequence[str],
                  finished: Sequence[bool] | None = None, update_stats: bool = True) -> RewardOut:
@@ -256,7 +259,8 @@ class Rewards:
             total += w * torch.tensor(s, dtype=torch.float32)
         scores = total.clone()
         if self.whiten:
-            mean, std = self.moments.update(total) if update_stats else (self.moments.mean, self.moments.std)
+            seen = self.gather(total) if self.gather is not None and update_stats else total
+            mean, std = self.moments.update(seen) if update_stats else (self.moments.mean, self.moments.std)
             scores = (scores - mean) / max(std, 1e-6)
         if self.clip > 0:
             scores = scores.clamp(-self.clip, self.clip)

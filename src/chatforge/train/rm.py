@@ -63,12 +63,9 @@ import torch.nn.functional as F
 from chatforge.config import check_range
 from chatforge.data.prefs import SkipReport, ordered_responses, where_of
 from chatforge.data.records import write_jsonl
-# moved: split_indices / read_records live in chatforge.data.split (train/dpo.py and tests/test_dpo.py
-# still import split_indices from here)
 from chatforge.data.split import read_records, split_indices, split_note
 from chatforge.errors import ConfigError, DataError
 from chatforge.models.heads import RewardModel, encode_for_reward, pad_batch, reward_pad_token, score_ids
-from chatforge.models.heads import RewardScorer, load_scorer  # noqa: F401  moved: to models/heads.py (train/ppo.py)
 from chatforge.runs import Run
 from chatforge.train import core
 from chatforge.train.core import TrainConfig
