@@ -78,7 +78,7 @@ from chatforge.models.logprobs import hidden_and_head, logprobs_from_logits
 from chatforge.runs import Run
 from chatforge.train import core
 from chatforge.train.core import TrainConfig
-from chatforge.train.loop import Checkpointer, Loop, finished, open_run
+from chatforge.train.loop import Checkpointer, Loop, begin, open_run, pad_id_of
 from chatforge.train.shared_prompt import model_mask, pair_batch, share_prompt_ok
 
 
@@ -424,21 +424,16 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, on_step
     ``on_step(step, model, micro_batch_indices)`` is called after every optimizer step on
     every rank (tests hash weights or simulate a kill there).
     """
-    from chatforge.models.load import check_model_exists, load_tokenizer
+    from chatforge.models.load import load_tokenizer
 
-    check_model_exists(cfg.model)
-    if cfg.judge:
-        check_model_exists(cfg.judge)
-    if resume and finished(cfg.out, cfg):
-        print(f"{cfg.out} is finished (DONE); nothing to resume")
+    if (acc := begin(cfg, resume, check=(cfg.judge,) if cfg.judge else ())) is None:
         return Path(cfg.out) / "model"
-    acc = core.setup_accelerator(cfg)
     say = acc.print
     run = open_run(acc, cfg, resume, overwrite)
 
     # data
     tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     train_set, eval_set, report = load_pairs(cfg, tokenizer, run, log=say)
     for line in report.lines():
         say(line)

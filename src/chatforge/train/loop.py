@@ -57,6 +57,25 @@ LOOP_FILE = "loop.json"
 
 
 # ---------------------------------------------------------------- the run folder
+def begin(cfg: TrainConfig, resume: bool, check: tuple[str, ...] = ()):
+    """The opening every trainer shares: the start model (and ``check``, e.g. a judge)
+    exists -- before any weights are loaded --, a finished run is not redone, the
+    accelerator. Returns the ``Accelerator``, or None when ``cfg.out`` is already finished."""
+    from chatforge.models.load import check_model_exists
+    from chatforge.train.core import setup_accelerator
+
+    for name in (cfg.model, *check):
+        check_model_exists(name)
+    if resume and finished(cfg.out, cfg):
+        print(f"{cfg.out} is finished (DONE); nothing to resume")
+        return None
+    return setup_accelerator(cfg)
+
+
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def finished(out: str | Path, cfg: TrainConfig) -> bool:
     """A run that completed its plan: DONE, not stopped by the budget, and at least the
     ``max_steps`` asked for now. Anything else, ``--resume`` continues."""

@@ -73,7 +73,7 @@ from chatforge.train import core
 from chatforge.train import experience as xp
 from chatforge.train import ppo_math as pm
 from chatforge.train.core import TrainConfig
-from chatforge.train.loop import Checkpointer, Loop, finished, open_run
+from chatforge.train.loop import Checkpointer, Loop, begin, open_run, pad_id_of
 
 Messages = list[dict[str, str]]
 PLOT_KEYS = ["reward", "kl", "kl_coef", "entropy", "clip_frac", "value_loss", "response_len", "eot_rate"]
@@ -415,20 +415,17 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
     with this rank's prompt indices of the step (tests hash weights or simulate a kill there).
     """
     from chatforge.generate.engine import Engine
-    from chatforge.models.load import check_model_exists, load_model, load_tokenizer
+    from chatforge.models.load import load_model, load_tokenizer
     from chatforge.models.lora import is_peft
     from chatforge.train.rewards import build_rewards
 
-    check_model_exists(cfg.model)
     if not cfg.rewards and not reward_fns:
         raise ConfigError("rewards: give at least one --reward (rm:RUN, fn:MODULE:FUNCTION, clf:MODEL:LABEL)")
-    if resume and finished(cfg.out, cfg):
-        print(f"{cfg.out} is finished (DONE); nothing to resume")
+    if (acc := begin(cfg, resume)) is None:
         return Path(cfg.out) / "model"
-    acc = core.setup_accelerator(cfg)
     say = acc.print
     tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     prompts, held_out = load_prompts(cfg, log=say)
     run = open_run(acc, cfg, resume, overwrite)
     prompt_ids = encode_prompts(tokenizer, prompts, cfg)

@@ -15,6 +15,9 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
+from chatforge.data import arith
+from chatforge.errors import ConfigError
+
 _WORD = re.compile(r"[A-Za-z0-9']+")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _ARITH = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/x×])\s*(-?\d+(?:\.\d+)?)")
@@ -109,3 +112,46 @@ def exact_answer(prompts: Sequence[Any], responses: Sequence[str], answers: Sequ
             ok = str(want).strip() == got.group(0)
         out.append(1.0 if ok else 0.0)
     return out
+
+
+def arith_exact(prompts: Sequence[Any], responses: Sequence[str], answers: Sequence[Any] | None = None,
+                format_bonus: float = 0.0) -> list[float]:
+    """The arithmetic yardstick's reward (:mod:`chatforge.data.arith`): 1.0 when the FIRST
+    number in the response equals the answer, else 0.0.
+
+    Format rule (:func:`chatforge.data.arith.first_number`): an integer with an optional
+    leading minus, commas between thousands ("1,234"), a trailing period ignored ("42." is
+    42), a decimal part compared by value ("42.0" is 42). "The answer is 42." and "42 apples,
+    43 pears" both read 42; "To solve this problem, ..." has no number and scores 0; an
+    answer that restates the problem ("12 - 5 = 7") reads its first number, 12.
+
+    The answer, in order: ``answers[i]`` (Python API); ``meta["answer"]`` when the prompt is
+    a :class:`~chatforge.data.records.Prompt` record or a dict with ``meta``; else solved from
+    the last user message written with the generator's template ("What is 47 + 38? ...") by
+    a small parser (never ``eval``). PPO/RLOO pass message lists, so it is the last case
+    there; a prompt with no answer scores 0.0.
+
+    ``format_bonus`` (default 0: off) is added when the response is a number and nothing
+    else, right or wrong: a small push towards the format the prompt asks for."""
+    if isinstance(format_bonus, bool) or not isinstance(format_bonus, (int, float)) or format_bonus != format_bonus:
+        raise ConfigError(f"arith_exact: format_bonus must be a number, got {format_bonus!r}")
+    out = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        want = answers[i] if answers is not None else _arith_answer(p)
+        score = 1.0 if arith.is_correct(r, want) else 0.0
+        if format_bonus and arith.only_number(r):
+            score += float(format_bonus)
+        out.append(score)
+    return out
+
+
+def _arith_answer(prompt: Any) -> Any:
+    meta = getattr(prompt, "meta", None)
+    if meta is None and isinstance(prompt, dict):
+        meta = prompt.get("meta")
+    if isinstance(meta, dict) and meta.get("answer") is not None:
+        return meta["answer"]
+    messages = getattr(prompt, "prompt", None)
+    if messages is None and isinstance(prompt, dict):
+        messages = prompt.get("prompt", [])
+    return arith.solve(last_user(messages if messages is not None else prompt))

@@ -69,7 +69,7 @@ from chatforge.models.heads import RewardModel, encode_for_reward, pad_batch, re
 from chatforge.runs import Run
 from chatforge.train import core
 from chatforge.train.core import TrainConfig
-from chatforge.train.loop import Checkpointer, Loop, finished, open_run
+from chatforge.train.loop import Checkpointer, Loop, begin, open_run
 
 PLOT_KEYS = ["acc", "eval_acc", "loss", "eval_loss", "margin", "eval_tau"]
 
@@ -400,13 +400,10 @@ def train(cfg: RMConfig, resume: bool = False, overwrite: bool = False, on_step:
     ``on_step(step, model, micro_batch_indices)`` is called after every optimizer step on
     every rank (tests record data sharding, hash weights, or simulate a kill there).
     """
-    from chatforge.models.load import check_model_exists, load_tokenizer
+    from chatforge.models.load import load_tokenizer
 
-    check_model_exists(cfg.model)
-    if resume and finished(cfg.out, cfg):
-        print(f"{cfg.out} is finished (DONE); nothing to resume")
+    if (acc := begin(cfg, resume)) is None:
         return Path(cfg.out) / "model"
-    acc = core.setup_accelerator(cfg)
     say = acc.print
     run = open_run(acc, cfg, resume, overwrite)
     tokenizer = load_tokenizer(cfg.model)

@@ -66,7 +66,7 @@ from chatforge.errors import ConfigError, DataError
 from chatforge.models.logprobs import backbone_and_head
 from chatforge.train import core, levers
 from chatforge.train.core import TrainConfig
-from chatforge.train.loop import Checkpointer, Loop, finished, open_run
+from chatforge.train.loop import Checkpointer, Loop, begin, open_run, pad_id_of
 
 IGNORE = -100
 PLOT_KEYS = ["loss", "eval_loss", "lr", "tokens_per_s", "grad_norm"]
@@ -219,18 +219,14 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, on_
     every rank (tests record data sharding, hash weights, or simulate a kill there).
     """
     from chatforge.data.tokenize import collate
-    from chatforge.models.load import check_model_exists, load_model, load_tokenizer
+    from chatforge.models.load import load_model, load_tokenizer
     from chatforge.models.lora import trainable_parameters
 
-    # quick failures first: model, data, options -- before any weights are loaded
-    check_model_exists(cfg.model)
-    if resume and finished(cfg.out, cfg):
-        print(f"{cfg.out} is finished (DONE); nothing to resume")
+    if (acc := begin(cfg, resume)) is None:
         return Path(cfg.out) / "model"
-    acc = core.setup_accelerator(cfg)
     say = acc.print
     tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     data = load_data(cfg, tokenizer, log=say)
     run = open_run(acc, cfg, resume, overwrite)
     say(f"{len(data.train)} train rows, {len(data.eval)} held-out rows of <= {cfg.max_len} tokens")
