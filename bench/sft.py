@@ -136,7 +136,7 @@ def run_chatforge(args, workdir: Path) -> dict:
     over = dict(model="smollm2", data=[str(workdir / "chats.jsonl")], out=str(workdir / "cf-run"),
                 max_steps=args.steps, batch_size=args.batch, grad_accum=1, max_len=args.max_len, lr=args.lr,
                 warmup_steps=0, schedule="constant", precision=args.precision, gradient_checkpointing=False,
-                lora=args.lora, pack=True, eval_fraction=0.0, eval_before=False, log_every=1,
+                lora=args.lora, pack=True, eval_fraction=0.0, eval_at_start=False, log_every=1,
                 eval_every=10 ** 9, save_every=10 ** 9)
     from chatforge.config import deep_merge, parse_overrides
 
@@ -224,7 +224,7 @@ def run_profile(args, workdir: Path) -> dict:
     cfg = load_config(SFTConfig, overrides=dict(
         model="smollm2", data=[str(workdir / "chats.jsonl")], out=str(workdir / "prof-run"),
         max_steps=args.warmup + 1, batch_size=args.batch, grad_accum=1, max_len=args.max_len, lr=args.lr,
-        precision=args.precision, lora=args.lora, eval_fraction=0.0, eval_before=False, save_every=10 ** 9,
+        precision=args.precision, lora=args.lora, eval_fraction=0.0, eval_at_start=False, save_every=10 ** 9,
         eval_every=10 ** 9, warmup_steps=0))
     train_sft(cfg, overwrite=True, on_step=on_step)
     return {"table": table.get("text", "")}

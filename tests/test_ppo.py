@@ -196,6 +196,31 @@ def test_rloo_leave_one_out_baseline():
         pm.rloo_advantages(r, k=1)
 
 
+# ---------------------------------------------------------------- GRPO
+def test_grpo_advantages_are_group_normalised_and_dr_grpo_drops_the_std():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 5.0, 2.0, 4.0, 6.0, 8.0])
+    a = pm.grpo_advantages(r, k=4, eps=0.0)
+    g = r.view(3, 4)
+    # group 0: mean 0.25, std (unbiased) 0.5 -> sample 0: 0.75 / 0.5 = 1.5
+    assert a[0].item() == pytest.approx(1.5) and a[1].item() == pytest.approx(-0.5)
+    assert torch.equal(a[4:8], torch.zeros(4))  # all the same reward: nothing to learn
+    torch.testing.assert_close(a[8:], (g[2] - 5.0) / g[2].std())
+    dr = pm.grpo_advantages(r, k=4, scale=False)
+    torch.testing.assert_close(dr, (g - g.mean(-1, keepdim=True)).reshape(-1))
+    with pytest.raises(ValueError):
+        pm.grpo_advantages(r, k=5)
+
+
+def test_loss_aggregations_weigh_lengths_as_documented():
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    assert pm.aggregate(x, mask, "token").item() == pytest.approx(7 / 5)        # tokens weigh alike
+    assert pm.aggregate(x, mask, "seq").item() == pytest.approx((1 + 3) / 2)    # responses weigh alike
+    assert pm.aggregate(x, mask, "seq_sum", 4).item() == pytest.approx((4 / 4 + 3 / 4) / 2)  # constant norm
+    with pytest.raises(ValueError):
+        pm.aggregate(x, mask, "nope")
+
+
 # ================================================================ rule rewards
 from chatforge.train import reward_fns as rf  # noqa: E402
 
@@ -392,7 +417,9 @@ def _metrics(run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo,over", [("ppo", ["rollout_batch=16"]), ("rloo", ["rollout_batch=4", "samples_per_prompt=4"])])
+@pytest.mark.parametrize("algo,over", [("ppo", ["rollout_batch=16"]), ("rloo", ["rollout_batch=4", "samples_per_prompt=4"]),
+                                       ("grpo", ["rollout_batch=4", "samples_per_prompt=4"]),
+                                       ("grpo", ["rollout_batch=4", "samples_per_prompt=4", "grpo_variant=dr_grpo"])])
 def test_rule_reward_rises_on_the_tiny_model(tmp_path, algo, over):
     from chatforge.train.ppo import train
 

@@ -30,7 +30,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eval-prompts", nargs="+", metavar="FILE",
                    help="held-out prompts for the final comparison (default: eval_fraction of --prompts)")
     p.add_argument("--out", help="run folder (default runs/run)")
-    p.add_argument("--algo", choices=["ppo", "rloo"], help="ppo (value head + GAE, default) or rloo (k samples, no critic)")
+    p.add_argument("--algo", choices=["ppo", "rloo", "grpo"],
+                   help="ppo (value head + GAE, default), rloo (k samples, leave-one-out baseline) or grpo "
+                        "(k samples, group-normalised; grpo_variant=dr_grpo for Dr. GRPO)")
     p.add_argument("--lora", action="store_true", default=None,
                    help="train a LoRA adapter: one frozen backbone serves policy and reference")
     p.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe (its 'ppo' section if it has one)")

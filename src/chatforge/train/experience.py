@@ -1,4 +1,4 @@
-"""Experience making for PPO / RLOO: roll out, score, and turn episodes into training tensors.
+"""Experience making for PPO / RLOO / GRPO: roll out, score, and turn episodes into training tensors.
 
 Kept apart from the update (``ppo.py``), OpenRLHF style: everything here runs without
 gradients, and what it hands over (:class:`Experience`) is all the update needs.
@@ -243,10 +243,16 @@ def advantages_rloo(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, 
     return adv.unsqueeze(1) * mask
 
 
+def advantages_grpo(scores: torch.Tensor, mask: torch.Tensor, k: int, scale: bool) -> torch.Tensor:
+    """Per-token advantages: each sequence's group-normalised score on every one of its
+    tokens. The KL to the reference is not in the reward: GRPO puts it in the loss."""
+    return pm.grpo_advantages(scores, k, scale=scale).unsqueeze(1) * mask
+
+
 def make_experience(pv: PolicyValue, ref_pv: PolicyValue, ref_context: Callable[[], ContextManager] | None,
                     episodes: list[Episode], scores: torch.Tensor, order: list[list[int]], *, pad_id: int,
                     device, autocast, algo: str, kl_coef: float, kl_estimator: str, gamma: float, lam: float,
-                    k: int, whiten_advantages: bool) -> Experience:
+                    k: int, whiten_advantages: bool, grpo_scale: bool = True) -> Experience:
     """Old log-probs / values (policy), reference log-probs, KL, advantages."""
     use_values = algo == "ppo"
     old_logp, old_values = teacher_forced(pv, episodes, order, pad_id, device, autocast, values=use_values)
@@ -258,6 +264,8 @@ def make_experience(pv: PolicyValue, ref_pv: PolicyValue, ref_context: Callable[
         assert old_values is not None
         old_values = old_values * mask
         adv, ret = advantages_ppo(scores, kl, old_values, mask, kl_coef, gamma, lam, whiten_advantages)
+    elif algo == "grpo":
+        adv, ret = advantages_grpo(scores, mask, k, grpo_scale), None
     else:
         adv, ret = advantages_rloo(scores, kl, mask, kl_coef, k, whiten_advantages), None
     kl1 = pm.masked_sum(pm.kl_k1(old_logp, ref_logp), mask, dim=1)  # sequence KL, k1 (unbiased, in nats)

@@ -10,6 +10,11 @@ resume, ranks that agree) is :mod:`chatforge.train.loop`'s.
   whitened advantages, clipped policy and value losses.
 * ``algo=rloo`` (Ahmadian et al. 2024): k samples per prompt, each sequence's
   ``score - beta * KL`` minus the mean of the other k-1 -- no critic at all.
+* ``algo=grpo`` (Shao et al. 2024, DeepSeekMath): k samples per prompt, advantage = the
+  score normalised within its group (``(r - mean) / std``), the KL to the reference as a
+  ``beta * k3`` term of the loss (not of the reward), the loss averaged per response.
+  ``grpo_variant=dr_grpo`` (Liu et al. 2025): no std division and a length-unbiased loss
+  (each response's token sum over the constant ``response_len``).
 
 Memory layouts (``summary.json`` records ``layout`` and ``peak_rss_mb``):
 
@@ -86,10 +91,11 @@ class PPOConfig(TrainConfig):
     ``data`` the prompt files (``--prompts``; any record kind: its prompt part is used),
     ``eval_data`` held-out prompts for the final evaluation (default: ``eval_fraction``)."""
 
-    algo: Literal["ppo", "rloo"] = "ppo"
+    algo: Literal["ppo", "rloo", "grpo"] = "ppo"
+    grpo_variant: Literal["grpo", "dr_grpo"] = "grpo"  # dr_grpo: no std scaling, length-unbiased loss
     rewards: list[str] = field(default_factory=list)   # reward specs (see rewards.py); repeat to combine
     rollout_batch: int = 8             # prompts per step
-    samples_per_prompt: int = 0        # k; 0 = auto: 1 for ppo, 4 for rloo
+    samples_per_prompt: int = 0        # k; 0 = auto: 1 for ppo, 4 for rloo / grpo
     response_len: int = 64             # max new tokens per response
     max_prompt_len: int = 256          # longer prompts keep their end (the last turn)
     temperature: float = 1.0           # rollouts; log-probs and KL are those of this distribution
@@ -135,12 +141,12 @@ class PPOConfig(TrainConfig):
         if self.value_lr == 0.0:
             self.value_lr = 10 * self.lr
         if self.samples_per_prompt == 0:
-            self.samples_per_prompt = 4 if self.algo == "rloo" else 1
+            self.samples_per_prompt = 1 if self.algo == "ppo" else 4
         super().validate()
         check_range("rollout_batch", self.rollout_batch, 1, None)
         check_range("samples_per_prompt", self.samples_per_prompt, 1, 256)
-        if self.algo == "rloo" and self.samples_per_prompt < 2:
-            raise ConfigError("samples_per_prompt must be >= 2 for rloo (the baseline is the other samples)")
+        if self.algo != "ppo" and self.samples_per_prompt < 2:
+            raise ConfigError(f"samples_per_prompt must be >= 2 for {self.algo} (the baseline is the other samples)")
         check_range("response_len", self.response_len, 1, None)
         check_range("max_prompt_len", self.max_prompt_len, 1, None)
         check_range("temperature", self.temperature, 0, None, lo_open=True)
@@ -227,8 +233,10 @@ def rank_mean(accelerator, x: float) -> float:
     return t.item() / accelerator.num_processes
 
 
-def ppo_update(pv_t, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_id: int, seed: int) -> dict[str, float]:
-    """``ppo_epochs`` passes of clipped-surrogate SGD over the step's episodes.
+def ppo_update(pv_t, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_id: int, seed: int,
+               beta: float = 0.0) -> dict[str, float]:
+    """``ppo_epochs`` passes of clipped-surrogate SGD over the step's episodes (``beta``: the
+    KL coefficient, used here by GRPO only; PPO / RLOO put the KL into the reward).
 
     ``pv_t`` is the prepared (under DDP: wrapped) :class:`~chatforge.train.experience.PolicyValue`,
     so its backward syncs gradients. Epoch 0 walks the micro-batches in ``exp.order`` -- the
@@ -238,6 +246,8 @@ def ppo_update(pv_t, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_i
     """
     dev = accelerator.device
     use_values = cfg.algo == "ppo"
+    grpo = cfg.algo == "grpo"
+    agg = {"grpo": "seq", "dr_grpo": "seq_sum"}[cfg.grpo_variant] if grpo else "token"
     acc_stats: dict[str, list[float]] = {}
 
     def add(**kv: float) -> None:
@@ -260,8 +270,14 @@ def ppo_update(pv_t, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_i
                     with accelerator.autocast():
                         out = pv_t(b, values=use_values, entropy=epoch == 0)
                     old = exp.old_logp[rows, :R].to(dev)
-                    pl = pm.policy_loss(out.logp, old, exp.advantages[rows, :R].to(dev), mask, cfg.clip)
+                    pl = pm.policy_loss(out.logp, old, exp.advantages[rows, :R].to(dev), mask, cfg.clip,
+                                        agg, cfg.response_len)
                     loss = pl.loss
+                    if grpo and beta > 0:  # GRPO: the KL to the reference in the loss, k3 per token
+                        kl_t = pm.kl_k3(out.logp, exp.ref_logp[rows, :R].to(dev))
+                        kl_term = pm.aggregate(kl_t, mask, agg, cfg.response_len)
+                        loss = loss + beta * kl_term
+                        add(kl_loss=kl_term.item())
                     if use_values:
                         vl, vclip = pm.value_loss(out.values, exp.old_values[rows, :R].to(dev),
                                                   exp.returns[rows, :R].to(dev), mask, cfg.vf_clip)
@@ -500,8 +516,9 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
         exp = xp.make_experience(pv, ref_pv, ref_context, episodes, r.scores, order, pad_id=pad_id,
                                  device=acc.device, autocast=acc.autocast, algo=cfg.algo, kl_coef=kl_ctl.value,
                                  kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
-                                 k=cfg.samples_per_prompt, whiten_advantages=cfg.whiten_advantages)
-        upd = ppo_update(pv_t, exp, opt, acc, cfg, pad_id, seed)
+                                 k=cfg.samples_per_prompt, whiten_advantages=cfg.whiten_advantages,
+                                 grpo_scale=cfg.grpo_variant == "grpo")
+        upd = ppo_update(pv_t, exp, opt, acc, cfg, pad_id, seed, beta=kl_ctl.value)
         sched.step()
         beta = kl_ctl.value
         kl_ctl.update(rank_mean(acc, exp.stats["kl"]), len(episodes) * world)  # every rank: the same beta

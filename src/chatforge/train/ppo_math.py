@@ -154,6 +154,46 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (g - baseline).reshape(-1)
 
 
+def grpo_advantages(rewards: torch.Tensor, k: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Group-normalised advantages (GRPO, Shao et al. 2024, DeepSeekMath): each of a prompt's
+    ``k`` samples against its group, ``A_i = (r_i - mean_g r) / std_g r``.
+
+    ``scale=False`` is Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-like training"): no
+    division by the group's std, which up-weights prompts whose answers barely differ (too
+    easy or too hard) and biases the update by question difficulty. A group whose samples all
+    got the same reward has A = 0 either way: nothing to learn from it. ``[N] -> [N]``.
+    """
+    if rewards.numel() % k:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {k}")
+    g = rewards.view(-1, k)                              # [prompts, k]
+    adv = g - g.mean(-1, keepdim=True)
+    if scale:
+        std = g.std(-1, keepdim=True, unbiased=True)
+        adv = torch.where(std > 0, adv / (std + eps), torch.zeros_like(adv))
+    return adv.reshape(-1)
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token", norm_len: int = 0) -> torch.Tensor:
+    """A per-token loss ``[B, T]`` to a scalar.
+
+    * ``token``: mean over every real token of the batch (PPO/RLOO here; DAPO's token-level
+      mean): a long response weighs by its length.
+    * ``seq``: mean over each response's tokens, then over responses (GRPO's
+      ``1/|o_i| sum_t``): a short response's tokens weigh more -- the length bias Dr. GRPO names.
+    * ``seq_sum``: each response's token sum divided by one constant ``norm_len`` (the
+      response budget), then the mean over responses (Dr. GRPO): no length bias.
+    """
+    mask = mask.to(x.dtype)
+    if how == "token":
+        return masked_mean(x, mask)
+    per_seq = (x * mask).sum(-1)
+    if how == "seq":
+        return (per_seq / mask.sum(-1).clamp(min=1)).mean()
+    if how == "seq_sum":
+        return per_seq.mean() / max(1, norm_len)
+    raise ValueError(f"unknown loss aggregation {how!r}")
+
+
 # ---------------------------------------------------------------- losses
 @dataclass
 class PolicyLossOut:
@@ -164,19 +204,20 @@ class PolicyLossOut:
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> PolicyLossOut:
-    """PPO clipped surrogate (Schulman et al. 2017), token level:
+                clip: float = 0.2, agg: str = "token", norm_len: int = 0) -> PolicyLossOut:
+    """PPO clipped surrogate (Schulman et al. 2017), per token:
 
         ratio = pi(a|s) / pi_old(a|s)
-        L = mean_t max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps))
+        L = agg_t max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps))
 
+    ``agg`` (:func:`aggregate`) is the mean over tokens for PPO/RLOO, per response for GRPO.
     ``clip_frac`` is the share of tokens where the clipped branch was the active one.
     """
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(pg1, pg2), mask)
+    loss = aggregate(torch.maximum(pg1, pg2), mask, agg, norm_len)
     with torch.no_grad():
         clip_frac = masked_mean((pg2 > pg1).float(), mask)
         akl = approx_kl(logp.detach(), old_logp, mask)
