@@ -17,6 +17,14 @@ Recipe keys (top level): ``out``, ``model``, ``seed``, ``stages``, ``data`` (see
 :class:`DataSpec`), and one section per stage whose keys are that stage's config fields
 (``chatforge sft --help`` etc.). ``model``/``data``/``out`` of a stage are filled in by the
 pipeline; set them in a section only to override.
+
+Verifiable rewards (``recipes/arith.yaml``): ``data.arith`` (:class:`ArithData`) generates
+arithmetic problems (:mod:`chatforge.data.arith`) into ``data/prompts.jsonl`` (train) and
+``data/arith_heldout.jsonl`` (the fixed held-out set, PPO's ``eval_data``); without an ``rm``
+stage PPO's reward defaults to ``fn:chatforge.train.reward_fns:arith_exact``; ``eval.tasks:
+[arith]`` scores the base model and every evaluated checkpoint on the held-out problems
+(``eval.arith``: :class:`~chatforge.eval.tasks.ArithSettings`) into ``eval/arith.json`` and
+``eval/arith.md``, with each model's paired difference to the base model.
 """
 
 from __future__ import annotations
@@ -29,8 +37,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from chatforge.config import ConfigError, check_range, deep_merge, from_dict, parse_overrides, read_yaml
+from chatforge.data import arith
+from chatforge.eval.tasks import TASKS, ArithSettings
 
 STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval")
+ARITH_REWARD = "fn:chatforge.train.reward_fns:arith_exact"
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
 
 
@@ -43,6 +54,22 @@ def resolve_data_path(p: str, recipe_dir: Path) -> str:
     if not q.is_absolute() and not q.exists() and (recipe_dir / q).exists():
         return str(recipe_dir / q)
     return str(q)
+
+
+@dataclass
+class ArithData:
+    """``data.arith``: generated arithmetic problems (:mod:`chatforge.data.arith`)."""
+
+    tier: str = "add2"              # add2 | mul | two_step
+    train: int = 2000               # training prompts, appended to data/prompts.jsonl
+    heldout: int = 500              # the first N of the tier's fixed held-out pool -> data/arith_heldout.jsonl
+    seed: int | None = None         # training problems' seed (default: the recipe's seed)
+
+    def validate(self) -> None:
+        if self.tier not in arith.TIERS:
+            raise ConfigError(f"data.arith.tier: {self.tier!r} is not one of {', '.join(arith.TIERS)}")
+        check_range("data.arith.train", self.train, 1, None)
+        check_range("data.arith.heldout", self.heldout, 1, arith.HELDOUT_POOL[self.tier])
 
 
 @dataclass
@@ -59,6 +86,7 @@ class DataSpec:
     preference_heldout_fraction: float = 0.0               # carved from `preferences` (by record, seeded):
                                                            # RM/DPO evaluate on it, eval prompts come from it
     max_records: int = 0                                   # per role; 0 = all
+    arith: ArithData | None = None                         # generated arithmetic prompts (see ArithData)
 
 
 @dataclass
@@ -70,12 +98,17 @@ class EvalSpec:
     max_checkpoints: int = 0        # per run, evenly spaced, the last always; 0 = every checkpoint
     judge_url: str | None = None
     judge_model: str | None = None
+    tasks: list[str] = field(default_factory=list)  # task yardsticks run after the checkpoint evaluation: arith
+    arith: ArithSettings = field(default_factory=ArithSettings)  # eval.arith.{tiers, n, max_new_tokens, ...}
 
     def validate(self) -> None:
         check_range("eval.max_prompts", self.max_prompts, 1, None)
         check_range("eval.max_new_tokens", self.max_new_tokens, 1, None)
         check_range("eval.temperature", self.temperature, 0, None)
         check_range("eval.max_checkpoints", self.max_checkpoints, 0, None)
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad:
+            raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid: {', '.join(TASKS)}")
 
 
 @dataclass
@@ -133,10 +166,15 @@ def stage_inputs(recipe: Recipe, root: Path) -> dict[str, dict[str, Any]]:
     sft_model = str(root / "sft") if "sft" in has or (root / "sft" / "DONE").exists() else recipe.model
     # held-out preferences (when the recipe carves them) are what RM and DPO evaluate on
     pref_eval = [str(d / "preferences_heldout.jsonl")] if recipe.data.preference_heldout_fraction > 0 else []
+    ppo: dict[str, Any] = {"model": sft_model, "rewards": [f"rm:{root / 'rm'}"], "data": [str(d / "prompts.jsonl")]}
+    if recipe.data.arith is not None:  # checkable answers: the rule reward, scored on the fixed held-out set
+        ppo["eval_data"] = [str(d / "arith_heldout.jsonl")]
+        if "rm" not in has and not (root / "rm" / "DONE").exists():
+            ppo["rewards"] = [ARITH_REWARD]
     return {
         "sft": {"model": recipe.model, "data": [str(d / "sft.jsonl")]},
         "rm": {"model": sft_model, "data": [str(d / "preferences.jsonl")], "eval_data": pref_eval},
-        "ppo": {"model": sft_model, "rewards": [f"rm:{root / 'rm'}"], "data": [str(d / "prompts.jsonl")]},
+        "ppo": ppo,
         "dpo": {"model": sft_model, "data": [str(d / "preferences.jsonl")], "eval_data": pref_eval},
     }
 
@@ -197,6 +235,15 @@ def run_data_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> di
     prompts = [r if isinstance(r, Prompt) else Prompt(prompt_of(r), dict(r.meta)) for r in prompts_src]
     if not prompts and prefs:
         prompts = [Prompt(r.prompt, dict(r.meta)) for r in prefs]
+    if spec.arith is not None:  # generated, not read: nothing to clean
+        a = spec.arith
+        seed = recipe.seed if a.seed is None else a.seed
+        prompts += arith.records(a.tier, "train", a.train, seed)
+        held = arith.records(a.tier, "heldout", a.heldout)
+        write_jsonl(held, out / "arith_heldout.jsonl")
+        report["arith"] = {"tier": a.tier, "train": a.train, "heldout": a.heldout, "seed": seed}
+        log(f"  arith: {a.train} {a.tier} training problems (seed {seed}) -> prompts; "
+            f"{a.heldout} held-out -> {out / 'arith_heldout.jsonl'}")
 
     for name, recs in (("sft", sft), ("heldout", heldout), ("preferences", prefs), ("prompts", prompts)):
         write_jsonl(recs, out / f"{name}.jsonl")
@@ -221,12 +268,18 @@ def _train(stage: str, cfg) -> Path:
     return fn(cfg, resume=True)
 
 
+def stage_configs(recipe: Recipe, root: Path, stages: list[str]) -> dict[str, Any]:
+    """The typed config of every training stage in ``stages``: built (and so validated)
+    before anything runs; ``chatforge pipeline --dry-run`` stops here."""
+    inputs = stage_inputs(recipe, root)
+    return {s: stage_config(recipe, s, root, **inputs[s]) for s in ("sft", "rm", "ppo", "dpo") if s in stages}
+
+
 def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[str], None] = print) -> Path:
     root = Path(recipe.out)
     root.mkdir(parents=True, exist_ok=True)
     stages = [s for s in recipe.stages if not only or s in only]
-    inputs = stage_inputs(recipe, root)
-    configs = {s: stage_config(recipe, s, root, **inputs[s]) for s in ("sft", "rm", "ppo", "dpo") if s in stages}
+    configs = stage_configs(recipe, root, stages)
     t0 = time.time()
     timings: dict[str, float] = {}
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -267,13 +320,32 @@ def run_eval_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> No
     rm = str(root / "rm") if (root / "rm" / "model").is_dir() else None
     baseline = str(root / "sft") if (root / "sft" / "model").is_dir() else recipe.model
     heldout = root / "data" / "heldout.jsonl"
-    prompts = heldout if heldout.exists() and heldout.stat().st_size else None
+    has_heldout = heldout.exists() and heldout.stat().st_size > 0
+    arith_heldout = root / "data" / "arith_heldout.jsonl"
+    # prompts for the degeneration / KL figures: the held-out conversations', else the arithmetic problems
+    prompts = heldout if has_heldout else arith_heldout if arith_heldout.exists() else None
     e = recipe.eval
     result = evaluate_runs(
         runs, baseline=baseline, base_model=recipe.model, prompts=str(prompts) if prompts else None,
-        heldout=str(heldout) if heldout.exists() else None, rm=rm, out=str(root / "eval"),
+        heldout=str(heldout) if has_heldout else None, rm=rm, out=str(root / "eval"),
         max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=e.seed,
         max_checkpoints=e.max_checkpoints, judge_url=e.judge_url, judge_model=e.judge_model, log=log)
+    if "arith" in e.tasks:
+        run_arith_task(recipe, root, runs, log)
     stages = {s: str(root / s) for s in ("sft", "rm", "ppo", "dpo") if (root / s).is_dir()}
     write_report(root, stages, result)
     (root / "eval" / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+
+
+def run_arith_task(recipe: Recipe, root: Path, runs: list[str], log: Callable[[str], None]) -> None:
+    """``eval.tasks: [arith]``: the base model ("before") and every evaluated checkpoint of
+    each trained stage on the fixed held-out problems; ``eval/arith.json`` + ``arith.md``."""
+    from chatforge.eval.tasks import evaluate_arith, markdown_table, text_table
+    from chatforge.runs import atomic_write_text
+
+    targets = {"base": recipe.model, **{Path(r).name: r for r in runs}}
+    res = evaluate_arith(targets, recipe.eval.arith, baseline="base", out=root / "eval",
+                         max_checkpoints=recipe.eval.max_checkpoints, log=log)
+    atomic_write_text(root / "eval" / "arith.md", "# Arithmetic yardstick (held-out, greedy)\n\n" + markdown_table(res))
+    for line in text_table(res).splitlines():
+        log(f"  {line}")

@@ -5,12 +5,17 @@
     chatforge data clean   FILE... -o OUT.jsonl [--rejected REJ.jsonl] [--report REPORT.json]
                            [--no-RULE ...] [--min-chars N] [--max-chars N] [--max-repeat X]
     chatforge data formats
+    chatforge data arith   --tier add2|mul|two_step -n N --split train|heldout [--seed S] -o OUT.jsonl
 
 Formats are detected from the content (``--format`` forces one; ``chatforge data formats``
 lists them). Records that cannot be read are reported as ``file:line: reason`` on stderr
 (count + first ones) and skipped, or stop the command with ``--on-error fail``. Exit code
 2 for an unknown format, an empty/unreadable/binary file, or (with ``--on-error fail``)
 a bad record.
+
+``data arith`` writes arithmetic problems with checkable answers as prompt records
+(:mod:`chatforge.data.arith`: tiers, prompt template, answer in ``meta``). The held-out split
+is the same fixed set for every seed; the train split never contains a held-out problem.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ SAMPLE_CHARS = 300  # long strings in the printed sample are cut here
 
 
 def add_parser(subparsers) -> None:
+    from chatforge.data.arith import TIERS as ARITH_TIERS
     from chatforge.data.clean import RULES
 
     p = subparsers.add_parser("data", help="inspect, convert and clean data files",
@@ -66,6 +72,18 @@ def add_parser(subparsers) -> None:
 
     f = sub.add_parser("formats", help="list the supported formats")
     f.set_defaults(func=run_formats)
+
+    a = sub.add_parser("arith", help="write arithmetic problems with checkable answers (the RL yardstick)",
+                       description="Prompts 'What is EXPR? Answer with the number only.' with meta.answer. "
+                                   "--split heldout is a fixed set (the first N of a reserved pool, any --seed); "
+                                   "--split train is seeded and never holds a held-out problem.")
+    a.add_argument("--tier", required=True, choices=ARITH_TIERS,
+                   help="add2: two-digit + and -; mul: one-digit x one-or-two-digit; two_step: e.g. a + b * c")
+    a.add_argument("-n", type=int, required=True, metavar="N", help="number of problems")
+    a.add_argument("--split", required=True, choices=["train", "heldout"])
+    a.add_argument("--seed", type=int, default=0, help="train split only (default 0)")
+    a.add_argument("-o", "--out", required=True, metavar="OUT.jsonl")
+    a.set_defaults(func=run_arith)
 
 
 def _read_options(p) -> None:
@@ -329,4 +347,21 @@ def run_formats(args) -> int:
     for f in FORMATS:
         note = f"  [recognised, not readable: {f.unsupported}]" if f.unsupported else ""
         print(f"{f.name:22s} {f.kind:12s} {f.doc}{note}")
+    return 0
+
+
+def run_arith(args) -> int:
+    from chatforge.data.arith import records
+
+    recs = records(args.tier, args.split, args.n, args.seed)
+    out = _Writer(args.out)
+    ok = False
+    try:
+        for r in recs:
+            out.write(r)
+        ok = True
+    finally:
+        out.close(ok)
+    seed = f", seed {args.seed}" if args.split == "train" else " (fixed set)"
+    print(f"wrote {out.n} {args.tier} {args.split} problem(s){seed} to {args.out}")
     return 0

@@ -3,12 +3,19 @@
     chatforge eval RUN... [--baseline RUN] [--prompts FILE] [--heldout FILE] [--rm RUN]
                    [--out DIR] [--max-prompts N] [--max-new-tokens N]
                    [--judge-url URL --judge-model NAME] [--report]
+    chatforge eval RUN... --task arith [--tier add2 ...] [--n 500] [--baseline RUN] [--out DIR]
 
 RUN is a run folder (all its checkpoints and its final model are evaluated) or a model
 name (``smollm2``, ``tiny``, a model directory); ``label=RUN`` names it in the table. Prints
 one row per checkpoint, the best checkpoint of each run and a warning for every checkpoint
 worse than an earlier one beyond noise. Writes ``eval.json``, ``eval.jsonl``,
 ``samples.jsonl`` (and with ``--report`` ``report.html`` / ``report.md``) into ``--out``.
+
+``--task arith`` scores every target on the fixed held-out arithmetic problems instead
+(:mod:`chatforge.eval.tasks`): greedy, 16 new tokens by default, exact match of the first
+number, per tier with a 95 % Wilson interval, and each target's paired difference to the
+baseline (``--baseline``, else the first RUN). Writes ``arith.json`` and
+``arith_responses.jsonl`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ _LABELLED = re.compile(r"^([A-Za-z0-9_.\-]+)=(.+)$")
 
 
 def add_parser(subparsers) -> None:
+    from chatforge.data.arith import TIERS
+    from chatforge.eval.tasks import TASKS
+
     p = subparsers.add_parser("eval", help="evaluate checkpoints: perplexity, RM win rate, KL, degeneration",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders or model names (label=RUN to name one)")
@@ -34,15 +44,22 @@ def add_parser(subparsers) -> None:
                    help="held-out conversations for perplexity (default 100)")
     p.add_argument("--max-checkpoints", type=int, default=0, metavar="N",
                    help="evaluate N evenly spaced checkpoints per run, the last always (default 0: all)")
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="response budget (default 128)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="response budget (default 128; --task arith: 16)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples with --seed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--gen-dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="weights for decoding (auto: bf16 on CPUs with native bf16); perplexity and KL stay fp32")
+    p.add_argument("--batch-size", type=int, metavar="N", help="prompts decoded together (default 8; --task arith: 32)")
+    p.add_argument("--gen-dtype", choices=["auto", "fp32", "bf16"],
+                   help="weights for decoding (default auto: bf16 on CPUs with native bf16; perplexity and KL stay "
+                        "fp32; --task arith: fp32, so figures do not depend on the CPU)")
     p.add_argument("--judge-url", metavar="URL", help="OpenAI-compatible endpoint of an LLM judge (e.g. http://host:8000/v1)")
     p.add_argument("--judge-model", metavar="NAME", help="model name sent to the judge")
     p.add_argument("--report", action="store_true", help="also write report.html / report.md into --out")
+    t = p.add_argument_group("task yardsticks (--task)")
+    t.add_argument("--task", choices=TASKS, help="score on a task with checkable answers instead (arith: held-out "
+                   "arithmetic problems, exact match)")
+    t.add_argument("--tier", action="append", choices=TIERS,
+                   help=f"arith tier (repeatable; default all: {', '.join(TIERS)})")
+    t.add_argument("--n", type=int, metavar="N", help="held-out problems per tier (default 500)")
     p.set_defaults(func=run)
 
 
@@ -66,14 +83,18 @@ def run(args) -> int:
         while lab in runs:
             lab += "'"
         runs[lab] = path
+    if args.task:
+        return run_task(args, runs)
+    if args.tier or args.n is not None:
+        raise ConfigError("--tier and --n are options of --task arith")
 
     from chatforge.eval.evaluate import EvalSettings, evaluate_runs
     from chatforge.eval.judge import Judge
     from chatforge.eval.report import text_table, write_report
 
     settings = EvalSettings(max_prompts=args.max_prompts, max_heldout=args.max_heldout,
-                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                            batch_size=args.batch_size, gen_dtype=args.gen_dtype)
+                            max_new_tokens=_given(args.max_new_tokens, 128), temperature=args.temperature,
+                            seed=args.seed, batch_size=_given(args.batch_size, 8), gen_dtype=args.gen_dtype or "auto")
     judge = Judge(args.judge_url, args.judge_model, api_key=os.environ.get("CHATFORGE_JUDGE_KEY")) \
         if args.judge_url else None
     out = Path(args.out) if args.out else default_out(list(runs.values()))
@@ -97,6 +118,39 @@ def run(args) -> int:
         print(f"report: {html}")
     print(f"results: {out / 'eval.json'}, {out / 'samples.jsonl'}")
     return 0
+
+
+def run_task(args, runs: dict[str, str]) -> int:
+    """``--task arith``: the yardstick on every target, a table, ``arith.json``."""
+    from chatforge.errors import ConfigError
+    from chatforge.eval.tasks import ArithSettings, evaluate_arith, text_table
+
+    unused = [f"--{k.replace('_', '-')}" for k in ("prompts", "heldout", "rm", "judge_url", "judge_model")
+              if getattr(args, k)] + (["--report"] if args.report else [])
+    if args.temperature:
+        unused.append("--temperature")
+    if unused:
+        raise ConfigError(f"--task {args.task} decodes greedily on its own problems: {', '.join(unused)} do not apply")
+    settings = ArithSettings(n=500 if args.n is None else args.n, max_new_tokens=_given(args.max_new_tokens, 16),
+                             batch_size=_given(args.batch_size, 32), gen_dtype=args.gen_dtype or "fp32")
+    if args.tier:
+        settings.tiers = list(args.tier)
+    try:
+        settings.validate()
+    except ConfigError as e:
+        raise ConfigError(f"--task {args.task}: --{str(e).replace('_', '-')}") from None
+    out = Path(args.out) if args.out else default_out(list(runs.values()))
+    res = evaluate_arith(runs, settings, baseline=args.baseline, out=out, max_checkpoints=args.max_checkpoints)
+    print(text_table(res))
+    for n in res.notes:
+        print(f"note: {n}")
+    print(f"results: {out / 'arith.json'}, {out / 'arith_responses.jsonl'}")
+    return 0
+
+
+def _given(value, default):
+    """An option's value, or its per-task default when it was not given."""
+    return default if value is None else value
 
 
 def _value(res, label: str) -> str:

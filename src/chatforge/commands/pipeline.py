@@ -1,4 +1,4 @@
-"""``chatforge pipeline RECIPE.yaml [key=value ...] [--only STAGE ...]``."""
+"""``chatforge pipeline RECIPE.yaml [key=value ...] [--only STAGE ...] [--dry-run]``."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "pipeline",
         help="run data -> SFT -> RM -> PPO/DPO -> eval -> report from one recipe",
         description="Run a whole recipe. Finished stages are skipped, interrupted ones resume. "
-                    "Recipes: recipes/demo.yaml (default demo), tiny.yaml (CI), malay.yaml, hh-rlhf.yaml, gpu.yaml.",
+                    "Recipes: recipes/demo.yaml (default demo), tiny.yaml (CI), malay.yaml, hh-rlhf.yaml, gpu.yaml, "
+                    "arith.yaml (verifiable rewards).",
     )
     p.add_argument("recipe", help="YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out=runs/x sft.max_steps=20")
     p.add_argument("--only", action="append", choices=["data", "sft", "rm", "ppo", "dpo", "eval"],
                    help="run only this stage (repeatable); inputs come from earlier stages' folders")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the recipe and every stage's config, print the plan, run nothing")
     p.set_defaults(func=run)
 
 
@@ -27,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from chatforge.pipeline import final_policy, load_recipe, run_pipeline
 
     recipe, _ = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        return dry_run(recipe, args.only)
     t0 = time.time()
     root = run_pipeline(recipe, only=args.only)
     wall = time.time() - t0
@@ -51,4 +56,35 @@ def run(args: argparse.Namespace) -> int:
     pol = chat_target or final_policy(Path(root))
     if pol is not None:
         print(f"\nchat with the result:\n  chatforge chat {pol}")
+    return 0
+
+
+def dry_run(recipe, only) -> int:
+    """Every check ``run_pipeline`` makes before its first stage, and the plan."""
+    from pathlib import Path
+
+    from chatforge.models.load import check_model_exists
+    from chatforge.pipeline import stage_configs
+
+    check_model_exists(recipe.model)
+    root = Path(recipe.out)
+    stages = [s for s in recipe.stages if not only or s in only]
+    configs = stage_configs(recipe, root, stages)
+    if "ppo" in configs:  # a rule reward must import now, not after the earlier stages
+        from chatforge.train.rewards import load_function, parse_reward_spec
+
+        for spec in map(parse_reward_spec, configs["ppo"].rewards):
+            if spec.kind == "fn":
+                load_function(spec.target)
+    print(f"recipe ok: model {recipe.model}, out {root}, stages {', '.join(stages)}")
+    if recipe.data.arith is not None:
+        a = recipe.data.arith
+        print(f"  data: arith {a.tier}, {a.train} train + {a.heldout} held-out problems")
+    for name, cfg in configs.items():
+        extra = f", algo {cfg.algo}, rewards {', '.join(cfg.rewards)}" if name == "ppo" else ""
+        print(f"  {name}: model {cfg.model}{extra}, max_steps {cfg.max_steps}, max_minutes {cfg.max_minutes}")
+    if "eval" in stages and recipe.eval.tasks:
+        t = recipe.eval.arith
+        arith = f" (arith: {', '.join(t.tiers)}, n {t.n}, {t.max_new_tokens} tokens)" if "arith" in recipe.eval.tasks else ""
+        print(f"  eval: tasks {', '.join(recipe.eval.tasks)}{arith}")
     return 0

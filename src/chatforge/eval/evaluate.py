@@ -257,13 +257,15 @@ def load_eval_data(prompts: str | Path | None, heldout: str | Path | None, setti
     held-out conversations' prompts; held-out defaults to a run's ``eval_data``."""
     from chatforge.data.records import Conversation, prompt_of
 
+    explicit = heldout is not None
     heldout = heldout or fallback_heldout
     if prompts is None and heldout is None:
         raise ConfigError("nothing to evaluate on: pass --prompts FILE and/or --heldout FILE")
     convs: list[list[dict]] = []
     if heldout is not None:
         convs = [r.messages for r in read_records(heldout) if isinstance(r, Conversation)]
-        if not convs:
+        # a run's own eval_data may hold prompts only (an RL run's): no perplexity then, not an error
+        if not convs and (explicit or prompts is None):
             raise DataError(f"{heldout}: held-out data must hold conversations (with assistant turns)")
     if prompts is not None:
         pr = [prompt_of(r) for r in read_records(prompts)]

@@ -116,14 +116,14 @@ def exact_answer(prompts: Sequence[Any], responses: Sequence[str], answers: Sequ
 
 def arith_exact(prompts: Sequence[Any], responses: Sequence[str], answers: Sequence[Any] | None = None,
                 format_bonus: float = 0.0) -> list[float]:
-    """The arithmetic yardstick's reward (:mod:`chatforge.data.arith`): 1.0 when the FIRST
-    number in the response equals the answer, else 0.0.
+    """The arithmetic yardstick's reward (:mod:`chatforge.data.arith`): 1.0 when the FINAL
+    number of the response equals the answer, else 0.0.
 
-    Format rule (:func:`chatforge.data.arith.first_number`): an integer with an optional
+    Format rule (:func:`chatforge.data.arith.final_number`): an integer with an optional
     leading minus, commas between thousands ("1,234"), a trailing period ignored ("42." is
-    42), a decimal part compared by value ("42.0" is 42). "The answer is 42." and "42 apples,
-    43 pears" both read 42; "To solve this problem, ..." has no number and scores 0; an
-    answer that restates the problem ("12 - 5 = 7") reads its first number, 12.
+    42), a decimal part compared by value ("42.0" is 42). "The answer is 42." and "12 + 30 =
+    42" both read 42; "42 apples, 43 pears" reads 43; "To solve this problem, we need to add
+    12 and 30" reads 30 (a response cut by the token budget before its answer is wrong).
 
     The answer, in order: ``answers[i]`` (Python API); ``meta["answer"]`` when the prompt is
     a :class:`~chatforge.data.records.Prompt` record or a dict with ``meta``; else solved from
