@@ -428,6 +428,90 @@ def test_cli_eval(tiny_runs, capsys):
     assert "nope" in err and "--judge-url and --judge-model go together" in err
 
 
+def test_gold_rm_start_row_and_a_refusing_checkpoint(tiny_runs, tmp_path, monkeypatch):
+    """A gold RM scores every checkpoint beside the proxy, the best is chosen by gold, the
+    run's start is a row even when not asked for, and a checkpoint that answers "I'm sorry."
+    to everything is flagged vs that start. The refusal is put into the responses (a random
+    model's text is noise): the engine's output for step 2 is replaced."""
+    import chatforge.eval.evaluate as ev
+    import chatforge.models.load as load_mod
+    from chatforge.errors import ConfigError
+    from chatforge.eval.evaluate import EvalSettings, evaluate_runs
+    from chatforge.models.heads import RewardModel
+    from chatforge.models.tiny import tiny_model, tiny_tokenizer
+
+    root = tiny_runs
+    gold = tmp_path / "gold"
+    RewardModel.from_causal_lm(tiny_model(seed=6)).save_pretrained(gold)
+    tiny_tokenizer().save_pretrained(gold)
+    loading: list[str] = []
+    real_load, real_gen = load_mod.load, ev.generate_responses
+
+    def recording_load(path, *a, **k):
+        loading.append(str(path))
+        return real_load(path, *a, **k)
+
+    def refusing_gen(*a, **k):
+        out = real_gen(*a, **k)
+        if loading[-1].endswith("step-0000002"):
+            for r in out:
+                r["text"] = "I'm sorry."
+        return out
+
+    monkeypatch.setattr(load_mod, "load", recording_load)
+    monkeypatch.setattr(ev, "generate_responses", refusing_gen)
+    s = EvalSettings(**SETTINGS)
+    res = evaluate_runs({"sft": root / "sft"}, baseline="tiny", heldout=root / "heldout.jsonl", rm=root / "rm",
+                        gold=gold, settings=s)
+    assert res.gold == "rm" and res.selection == "gold_win_rate"
+    for r in res.rows:
+        assert r["gold_score"] is not None and r["rm_score"] is not None and r["gold_score"] != r["rm_score"]
+    two = res.row("sft/step-0000002")
+    assert two["refusal_rate"] == 1.0 and res.row("tiny")["refusal_rate"] == 0.0 and two["start"] == "tiny"
+    assert "refusal_rate" in two["flags"]
+    assert any(w.startswith("sft step 2: refusal rate 0.00 -> 1.00 (vs its start tiny)") and "refuse" in w
+               for w in res.warnings)
+    # no baseline asked for: the start (tiny) is a row all the same, for comparison only
+    res = evaluate_runs({"sft": root / "sft"}, heldout=root / "heldout.jsonl", settings=s)
+    assert [r["label"] for r in res.rows] == ["tiny", "sft/step-0000001", "sft/step-0000002"]
+    assert not res.row("tiny")["baseline"] and res.row("sft/step-0000001")["start"] == "tiny"
+    assert any("refusal rate" in w for w in res.warnings)
+    # gold judges that cannot work are errors before any model is loaded
+    loading.clear()
+    with pytest.raises(ConfigError, match="is the proxy reward model"):
+        evaluate_runs({"sft": root / "sft"}, baseline="tiny", rm=root / "rm", gold=root / "rm", settings=s)
+    with pytest.raises(ConfigError, match="gold=judge makes the LLM judge"):
+        evaluate_runs({"sft": root / "sft"}, baseline="tiny", gold="judge", settings=s)
+    with pytest.raises(ConfigError, match="no such reward model"):
+        evaluate_runs({"sft": root / "sft"}, gold=tmp_path / "nope", settings=s)
+    assert loading == []
+
+
+def test_llm_judge_as_the_gold_judge(tiny_runs, tiny_eval, fake_judge_url):
+    """gold="judge": the LLM judge's win rate picks the best checkpoint, not the proxy RM's."""
+    from chatforge.eval.evaluate import EvalSettings, evaluate_runs
+    from chatforge.eval.judge import Judge
+
+    root = tiny_runs
+    kw = dict(baseline="tiny", heldout=root / "heldout.jsonl", rm=root / "rm", out=root / "eval",
+              settings=EvalSettings(**SETTINGS))
+    res = evaluate_runs({"sft": root / "sft"}, judge=Judge(fake_judge_url, "fake"), gold="judge", **kw)
+    assert res.gold == "judge" and res.selection == "judge_win_rate"
+    assert tiny_eval.selection == "win_rate" and tiny_eval.gold is None  # the same rows without a gold judge
+    assert [r["judge_win_rate"] for r in res.rows] == [r["judge_win_rate"] for r in tiny_eval.rows]
+
+
+def test_cli_eval_gold_errors(tiny_runs, capsys):
+    from chatforge.cli import main
+
+    root = tiny_runs
+    assert main(["eval", str(root / "sft"), "--rm", str(root / "rm"), "--gold", str(root / "rm")]) == 2
+    assert main(["eval", str(root / "sft"), "--baseline", "tiny", "--gold", "judge"]) == 2
+    assert main(["eval", "tiny", "--task", "arith", "--gold", str(root / "rm")]) == 2
+    err = capsys.readouterr().err
+    assert "is the proxy reward model" in err and "gold=judge" in err and "--gold" in err
+
+
 def test_judge_speaks_to_our_own_server():
     """The request the judge sends is one `chatforge serve` accepts, and the judge reads the
     server's reply. The served tiny model is steered to say " a a a ..." whatever it is asked

@@ -4,7 +4,7 @@ Each stage writes its own run folder under the pipeline folder (``out``)::
 
     runs/demo/
       data/      canonical JSONL per role (sft, preferences, prompts, heldout) + cleaning report
-      sft/ rm/ ppo/ dpo/      run folders (config.yaml, metrics.jsonl, checkpoints, model/, DONE)
+      sft/ rm/ gold/ ppo/ dpo/  run folders (config.yaml, metrics.jsonl, checkpoints, model/, DONE)
       eval/      per-checkpoint evaluation
       report.html report.md *.png
 
@@ -25,6 +25,15 @@ stage PPO's reward defaults to ``fn:chatforge.train.reward_fns:arith_exact``; ``
 [arith]`` scores the base model and every evaluated checkpoint on the held-out problems
 (``eval.arith``: :class:`~chatforge.eval.tasks.ArithSettings`) into ``eval/arith.json`` and
 ``eval/arith.md``, with each model's paired difference to the base model.
+
+A gold judge RL never sees (``gold:``, :class:`GoldSpec`; the proxy/gold set-up of Gao et
+al. 2022): the data stage splits the preference records by record, seeded
+(:func:`chatforge.data.split.split_indices`, after the held-out cut), into
+``data/preferences.jsonl`` (the proxy part: the ``rm`` stage, whose RM PPO optimises, DPO,
+and PPO's prompts when ``data.prompts`` is empty) and ``data/preferences_gold.jsonl`` (the
+gold part); the ``gold`` stage trains a second RM on it with the ``rm`` section's config
+(plus ``gold.rm``) into ``gold/``, and the eval stage scores every checkpoint by both.
+``gold.judge: llm`` makes the LLM judge of ``eval.judge_url`` the gold judge instead.
 """
 
 from __future__ import annotations
@@ -34,13 +43,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from chatforge.config import ConfigError, check_range, deep_merge, from_dict, parse_overrides, read_yaml
 from chatforge.data import arith
 from chatforge.eval.tasks import TASKS, ArithSettings
 
-STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval")
+STAGES = ("data", "sft", "rm", "gold", "ppo", "dpo", "eval")
+TRAINED = ("sft", "rm", "gold", "ppo", "dpo")
 ARITH_REWARD = "fn:chatforge.train.reward_fns:arith_exact"
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
 
@@ -90,6 +100,29 @@ class DataSpec:
 
 
 @dataclass
+class GoldSpec:
+    """``gold:``: the gold judge, which RL never sees (see the module docstring)."""
+
+    judge: Literal["rm", "llm"] = "rm"  # rm: a second RM on a disjoint part of the preferences; llm: eval.judge_url
+    fraction: float | None = None       # judge rm: share of the preference records (after the held-out cut)
+                                        # that go to the gold RM, by record (default 0.5); the rest is the proxy's
+    seed: int | None = None             # the split's seed (default: the recipe's seed)
+    rm: dict[str, Any] = field(default_factory=dict)  # keys of the `rm` section to change for the gold RM only
+
+    def validate(self) -> None:
+        if self.judge == "rm":
+            if self.fraction is None:
+                self.fraction = 0.5
+            check_range("gold.fraction", self.fraction, 0, 1, lo_open=True, hi_open=True)
+        else:
+            if self.fraction is not None:
+                raise ConfigError("gold.fraction: the LLM judge (gold.judge: llm) needs no preference records; "
+                                  "drop gold.fraction, or use gold.judge: rm")
+            if self.rm:
+                raise ConfigError("gold.rm: configures a gold RM, but gold.judge is llm")
+
+
+@dataclass
 class EvalSpec:
     max_prompts: int = 16
     max_new_tokens: int = 96
@@ -109,6 +142,8 @@ class EvalSpec:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
             raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid: {', '.join(TASKS)}")
+        if bool(self.judge_url) != bool(self.judge_model):
+            raise ConfigError("eval.judge_url and eval.judge_model go together (the endpoint and the model it serves)")
 
 
 @dataclass
@@ -122,12 +157,28 @@ class Recipe:
     rm: dict[str, Any] = field(default_factory=dict)
     ppo: dict[str, Any] = field(default_factory=dict)
     dpo: dict[str, Any] = field(default_factory=dict)
+    gold: GoldSpec | None = None
     eval: EvalSpec = field(default_factory=EvalSpec)
+
+    @property
+    def gold_rm(self) -> GoldSpec | None:
+        """The gold section when it asks for a gold RM (``gold.judge: rm``)."""
+        return self.gold if self.gold is not None and self.gold.judge == "rm" else None
 
     def validate(self) -> None:
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ConfigError(f"stages: unknown stage(s) {bad}; valid: {', '.join(STAGES)}")
+        if self.gold_rm is not None:
+            if not self.data.preferences:
+                raise ConfigError("gold: a gold RM trains on preference records, but data.preferences is empty")
+            if "rm" in self.stages and "gold" not in self.stages:
+                raise ConfigError("stages: the recipe has a gold RM (gold:) but its stages do not list gold; add it "
+                                  "after rm (else the proxy RM trains on part of the data and nothing judges with the "
+                                  "rest)")
+        elif self.gold is not None and not self.eval.judge_url:
+            raise ConfigError("gold.judge: llm makes the LLM judge the gold judge: set eval.judge_url and "
+                              "eval.judge_model")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
@@ -150,13 +201,20 @@ def stage_config(recipe: Recipe, stage: str, root: Path, **filled: Any):
     """
     from chatforge.train import dpo, ppo, rm, sft
 
-    cls = {"sft": sft.SFTConfig, "rm": rm.RMConfig, "ppo": ppo.PPOConfig, "dpo": dpo.DPOConfig}[stage]
+    cls = {"sft": sft.SFTConfig, "rm": rm.RMConfig, "gold": rm.RMConfig, "ppo": ppo.PPOConfig,
+           "dpo": dpo.DPOConfig}[stage]
     base: dict[str, Any] = {"seed": recipe.seed, "out": str(root / stage)}
     base.update(filled)
+    # the gold RM: the rm section's config (same recipe, other data), with gold.rm's changes
+    if stage == "gold":
+        section = deep_merge(recipe.rm, recipe.gold.rm if recipe.gold else {})
+    else:
+        section = getattr(recipe, stage)
     try:
-        return from_dict(cls, deep_merge(base, getattr(recipe, stage)))
+        return from_dict(cls, deep_merge(base, section))
     except ConfigError as e:
-        raise ConfigError(f"recipe section {stage}: {e}") from None
+        where = "rm + gold.rm (the gold RM)" if stage == "gold" else stage
+        raise ConfigError(f"recipe section {where}: {e}") from None
 
 
 def stage_inputs(recipe: Recipe, root: Path) -> dict[str, dict[str, Any]]:
@@ -174,6 +232,7 @@ def stage_inputs(recipe: Recipe, root: Path) -> dict[str, dict[str, Any]]:
     return {
         "sft": {"model": recipe.model, "data": [str(d / "sft.jsonl")]},
         "rm": {"model": sft_model, "data": [str(d / "preferences.jsonl")], "eval_data": pref_eval},
+        "gold": {"model": sft_model, "data": [str(d / "preferences_gold.jsonl")], "eval_data": pref_eval},
         "ppo": ppo,
         "dpo": {"model": sft_model, "data": [str(d / "preferences.jsonl")], "eval_data": pref_eval},
     }
@@ -186,6 +245,7 @@ def run_data_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> di
     from chatforge.data.readers import iter_records
     from chatforge.data.split import split_records
     from chatforge.data.records import Conversation, Preference, Prompt, Ranking, prompt_of, write_jsonl
+    from chatforge.errors import DataError
 
     out = root / "data"
     out.mkdir(parents=True, exist_ok=True)
@@ -231,6 +291,19 @@ def run_data_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> di
         if not heldout:  # evaluate on the held-out prompts, with the preferred answer as reference
             heldout = [Conversation(r.prompt + [r.chosen if isinstance(r, Preference) else r.responses[0]],
                                     dict(r.meta)) for r in prefs_heldout]
+    gold = recipe.gold_rm
+    if gold is not None:  # proxy part -> preferences.jsonl (rm, dpo, ppo's prompts); gold part -> the gold RM only
+        if len(prefs) < 2:
+            raise DataError(f"gold: {len(prefs)} preference record(s) left after cleaning and the held-out cut; "
+                            f"a proxy and a gold RM need at least one each")
+        seed = recipe.seed if gold.seed is None else gold.seed
+        prefs, gold_prefs, gold_idx = split_records(prefs, gold.fraction, seed, min_eval=1)
+        write_jsonl(gold_prefs, out / "preferences_gold.jsonl")
+        report["gold"] = {"fraction": gold.fraction, "seed": seed, "proxy": len(prefs), "gold": len(gold_prefs),
+                          "gold_indices": gold_idx,
+                          "note": "indices into the preference records after the held-out cut, in file order"}
+        log(f"  preferences_gold: {len(gold_prefs)} records (gold RM only) -> {out / 'preferences_gold.jsonl'}; "
+            f"{len(prefs)} stay for the proxy RM, DPO and RL")
     prompts_src = load("prompts", spec.prompts, (Prompt, Conversation, Preference, Ranking)) if spec.prompts else []
     prompts = [r if isinstance(r, Prompt) else Prompt(prompt_of(r), dict(r.meta)) for r in prompts_src]
     if not prompts and prefs:
@@ -264,7 +337,7 @@ def _as_dict(r) -> dict:
 def _train(stage: str, cfg) -> Path:
     from chatforge.train import dpo, ppo, rm, sft
 
-    fn = {"sft": sft.train_sft, "rm": rm.train, "ppo": ppo.train, "dpo": dpo.train}[stage]
+    fn = {"sft": sft.train_sft, "rm": rm.train, "gold": rm.train, "ppo": ppo.train, "dpo": dpo.train}[stage]
     return fn(cfg, resume=True)
 
 
@@ -272,7 +345,40 @@ def stage_configs(recipe: Recipe, root: Path, stages: list[str]) -> dict[str, An
     """The typed config of every training stage in ``stages``: built (and so validated)
     before anything runs; ``chatforge pipeline --dry-run`` stops here."""
     inputs = stage_inputs(recipe, root)
-    return {s: stage_config(recipe, s, root, **inputs[s]) for s in ("sft", "rm", "ppo", "dpo") if s in stages}
+    check_gold_split(recipe, root)
+    todo = [s for s in TRAINED if s in stages and (s != "gold" or recipe.gold_rm is not None)]
+    configs = {s: stage_config(recipe, s, root, **inputs[s]) for s in todo}
+    if "ppo" in configs and recipe.gold_rm is not None:  # the gold judge must stay unseen by RL
+        from chatforge.train.rewards import parse_reward_spec
+
+        gold_dir = (root / "gold").resolve()
+        for r in configs["ppo"].rewards:
+            spec = parse_reward_spec(r)
+            if spec.kind == "rm" and Path(spec.target).resolve() == gold_dir:
+                raise ConfigError(f"ppo.rewards: {r} is the gold RM; RL must never see the gold judge "
+                                  f"(its reward is the proxy, rm:{root / 'rm'})")
+    return configs
+
+
+def check_gold_split(recipe: Recipe, root: Path) -> None:
+    """A finished data stage must have split the preferences as the recipe's ``gold`` asks:
+    adding (or dropping) a gold RM after the fact would let the proxy RM train on the gold
+    part, or leave no gold part at all."""
+    if not (root / "data" / "DONE").exists():
+        return
+    try:
+        have = json.loads((root / "data" / "report.json").read_text(encoding="utf-8")).get("gold")
+    except (OSError, json.JSONDecodeError):
+        return
+    g = recipe.gold_rm
+    want = None if g is None else {"fraction": g.fraction, "seed": recipe.seed if g.seed is None else g.seed}
+    have = None if not have else {"fraction": have.get("fraction"), "seed": have.get("seed")}
+    if want != have:
+        def say(x: dict | None) -> str:
+            return "without a gold part" if x is None else f"with gold fraction {x['fraction']}, seed {x['seed']}"
+
+        raise ConfigError(f"gold.fraction: {root / 'data'} was split {say(have)}, but the recipe asks {say(want)}; "
+                          f"delete {root / 'data'} and the stages trained on it (rm, gold, ppo, dpo) to split again")
 
 
 def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[str], None] = print) -> Path:
@@ -290,6 +396,9 @@ def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[s
                               f"launch only the training stages with accelerate/torchrun")
         if (folder / "DONE").exists():
             log(f"[{stage}] done already ({folder}); skipped")
+            continue
+        if stage == "gold" and recipe.gold_rm is None:
+            log("[gold] no gold RM in the recipe (gold: section with judge rm); skipped")
             continue
         log(f"[{stage}] running -> {folder}")
         ts = time.time()
@@ -318,6 +427,14 @@ def run_eval_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> No
 
     runs = [str(root / s) for s in ("sft", "ppo", "dpo") if (root / s / "model").is_dir()]
     rm = str(root / "rm") if (root / "rm" / "model").is_dir() else None
+    gold = None  # the gold judge: the gold RM, or the LLM judge (gold.judge: llm); never the proxy
+    if recipe.gold_rm is not None:
+        if (root / "gold" / "model").is_dir():
+            gold = str(root / "gold")
+        else:
+            log(f"  no gold RM at {root / 'gold'} (run the gold stage): judged by the proxy RM alone")
+    elif recipe.gold is not None:
+        gold = "judge"
     baseline = str(root / "sft") if (root / "sft" / "model").is_dir() else recipe.model
     heldout = root / "data" / "heldout.jsonl"
     has_heldout = heldout.exists() and heldout.stat().st_size > 0
@@ -329,10 +446,10 @@ def run_eval_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> No
         runs, baseline=baseline, base_model=recipe.model, prompts=str(prompts) if prompts else None,
         heldout=str(heldout) if has_heldout else None, rm=rm, out=str(root / "eval"),
         max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=e.seed,
-        max_checkpoints=e.max_checkpoints, judge_url=e.judge_url, judge_model=e.judge_model, log=log)
+        max_checkpoints=e.max_checkpoints, judge_url=e.judge_url, judge_model=e.judge_model, gold=gold, log=log)
     if "arith" in e.tasks:
         run_arith_task(recipe, root, runs, log)
-    stages = {s: str(root / s) for s in ("sft", "rm", "ppo", "dpo") if (root / s).is_dir()}
+    stages = {("gold-rm" if s == "gold" else s): str(root / s) for s in TRAINED if (root / s).is_dir()}
     write_report(root, stages, result)
     (root / "eval" / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
 

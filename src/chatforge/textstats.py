@@ -1,4 +1,4 @@
-"""Statistics of generated text: repetition, loops, missing end-of-turn, score comparison.
+"""Statistics of generated text: repetition, loops, missing end-of-turn, refusals, score comparison.
 
 Pure Python on strings, token lists and floats (no torch, no chatforge imports), at the
 bottom floor so that trainers (PPO's held-out comparison) and the evaluation
@@ -26,6 +26,14 @@ Definitions
   run of "&quot;" entities).
 * **no end-of-turn**: share of responses whose ``finish_reason`` is ``"length"``: the model
   ran out of budget instead of ending its turn.
+* **refusal**: a response *is a refusal* when it opens (after leading spaces, quotes and
+  asterisks; case-insensitive; curly apostrophes read as straight ones) with one of
+  :data:`REFUSAL_OPENINGS` ("I'm sorry", "I cannot", "I can't", "As an AI", ...), unless
+  the opening is one of :data:`NOT_REFUSALS` ("I'm sorry to hear ...": sympathy, then
+  usually help). An opening, not a search: "Here is how. I can't promise it works" is no
+  refusal, and "I can't wait to help!" is a (rare) false positive. **refusal rate**: the
+  share of responses that are refusals. On hh-rlhf the PPO policy that "won" 0.94 by its
+  RM answered "I'm sorry." to nearly everything: this is the figure that shows it.
 * **score comparison**: ``a`` vs ``b`` is a win (1), a tie (0.5) or a loss (0).
 """
 
@@ -127,6 +135,41 @@ def degeneration(responses: Sequence[str], finish_reasons: Sequence[str] | None 
     if finish_reasons is not None:
         out["no_eos_rate"] = no_eos_rate(finish_reasons)
     return out
+
+
+# ---------------------------------------------------------------- refusals
+REFUSAL_OPENINGS = (
+    "i'm sorry", "i am sorry", "sorry", "i apologize", "i apologise",
+    "i cannot", "i can't", "i can not", "i won't", "i will not",
+    "i'm not able to", "i am not able to", "i'm unable to", "i am unable to",
+    "i'm not comfortable", "i am not comfortable", "i don't feel comfortable",
+    "as an ai", "as a language model", "as an assistant",
+)
+"""Lower-cased openings that make a response a refusal (see the module docstring)."""
+
+NOT_REFUSALS = ("i'm sorry to hear", "i am sorry to hear", "sorry to hear", "i'm sorry for your loss",
+                "i am sorry for your loss", "sorry for your loss")
+"""Openings that start like a refusal but are sympathy (checked before :data:`REFUSAL_OPENINGS`)."""
+
+_LEAD = " \t\r\n\"'*_`>-\u201c\u2018"
+
+
+def is_refusal(response: str) -> bool:
+    """True when ``response`` opens with a refusal (:data:`REFUSAL_OPENINGS`), word-bounded:
+    "Sorry, no." is one, "Sorrywhatever" is not."""
+    t = response.lstrip(_LEAD).lower().replace("\u2019", "'")
+    if t.startswith(NOT_REFUSALS):
+        return False
+    for o in REFUSAL_OPENINGS:
+        if t.startswith(o) and (len(t) == len(o) or not t[len(o)].isalnum()):
+            return True
+    return False
+
+
+def refusal_rate(responses: Iterable[str]) -> float:
+    """Share of responses that are refusals (0 when there are none)."""
+    rs = list(responses)
+    return sum(1 for r in rs if is_refusal(r)) / len(rs) if rs else 0.0
 
 
 # ---------------------------------------------------------------- helpers

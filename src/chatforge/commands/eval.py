@@ -1,6 +1,6 @@
 """``chatforge eval``: evaluate every checkpoint of one or more runs on held-out data.
 
-    chatforge eval RUN... [--baseline RUN] [--prompts FILE] [--heldout FILE] [--rm RUN]
+    chatforge eval RUN... [--baseline RUN] [--prompts FILE] [--heldout FILE] [--rm RUN] [--gold RUN|judge]
                    [--out DIR] [--max-prompts N] [--max-new-tokens N]
                    [--judge-url URL --judge-model NAME] [--report]
     chatforge eval RUN... --task arith [--tier add2 ...] [--n 500] [--baseline RUN] [--out DIR]
@@ -8,7 +8,13 @@
 RUN is a run folder (all its checkpoints and its final model are evaluated) or a model
 name (``smollm2``, ``tiny``, a model directory); ``label=RUN`` names it in the table. Prints
 one row per checkpoint, the best checkpoint of each run and a warning for every checkpoint
-worse than an earlier one beyond noise. Writes ``eval.json``, ``eval.jsonl``,
+worse than an earlier one beyond noise. ``--rm`` is the proxy (the RM that RL optimised);
+``--gold`` a gold judge RL never saw: a second RM (e.g. the pipeline's ``gold/``, trained on a
+disjoint part of the preferences), or ``judge`` for the LLM judge of ``--judge-url``. With a
+gold judge the best checkpoint is chosen by gold, and the warnings say when the proxy rose
+while gold fell (over-optimisation). The model each run began from is always a row; warnings
+also name jumps vs that start in refusal, loop and missing end-of-turn rates and in length.
+Writes ``eval.json``, ``eval.jsonl``,
 ``samples.jsonl`` (and with ``--report`` ``report.html`` / ``report.md``) into ``--out``.
 
 ``--task arith`` scores every target on the fixed held-out arithmetic problems instead
@@ -37,7 +43,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--baseline", metavar="RUN", help="win rates are measured against this model's responses")
     p.add_argument("--prompts", metavar="FILE", help="held-out prompts (default: the held-out conversations' prompts)")
     p.add_argument("--heldout", metavar="FILE", help="held-out conversations for perplexity (default: the run's eval_data)")
-    p.add_argument("--rm", metavar="RUN", help="reward model (run folder or directory) for RM score and win rate")
+    p.add_argument("--rm", metavar="RUN", help="reward model (run folder or directory) for RM score and win rate: "
+                   "the proxy, the RM that RL optimised")
+    p.add_argument("--gold", metavar="RUN|judge",
+                   help="gold judge RL never saw: a second reward model (run folder or directory; best checkpoint "
+                        "by its win rate / score), or 'judge' for the LLM judge of --judge-url (a folder named judge: "
+                        "./judge)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: eval/ beside the first run folder)")
     p.add_argument("--max-prompts", type=int, default=32, metavar="N", help="held-out prompts used (default 32)")
     p.add_argument("--max-heldout", type=int, default=100, metavar="N",
@@ -99,7 +110,7 @@ def run(args) -> int:
         if args.judge_url else None
     out = Path(args.out) if args.out else default_out(list(runs.values()))
     res = evaluate_runs(runs, baseline=args.baseline, prompts=args.prompts, heldout=args.heldout, rm=args.rm,
-                        judge=judge, out=out, settings=settings, max_checkpoints=args.max_checkpoints)
+                        judge=judge, out=out, settings=settings, max_checkpoints=args.max_checkpoints, gold=args.gold)
     print(text_table(res))
     for run_, lab in res.best.items():
         if run_ != "overall":
@@ -125,7 +136,7 @@ def run_task(args, runs: dict[str, str]) -> int:
     from chatforge.errors import ConfigError
     from chatforge.eval.tasks import ArithSettings, evaluate_arith, text_table
 
-    unused = [f"--{k.replace('_', '-')}" for k in ("prompts", "heldout", "rm", "judge_url", "judge_model")
+    unused = [f"--{k.replace('_', '-')}" for k in ("prompts", "heldout", "rm", "gold", "judge_url", "judge_model")
               if getattr(args, k)] + (["--report"] if args.report else [])
     if args.temperature:
         unused.append("--temperature")

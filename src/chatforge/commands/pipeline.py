@@ -8,14 +8,14 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pipeline",
-        help="run data -> SFT -> RM -> PPO/DPO -> eval -> report from one recipe",
+        help="run data -> SFT -> RM (+ gold RM) -> PPO/DPO -> eval -> report from one recipe",
         description="Run a whole recipe. Finished stages are skipped, interrupted ones resume. "
                     "Recipes: recipes/demo.yaml (default demo), tiny.yaml (CI), malay.yaml, hh-rlhf.yaml, gpu.yaml, "
                     "arith.yaml (verifiable rewards).",
     )
     p.add_argument("recipe", help="YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out=runs/x sft.max_steps=20")
-    p.add_argument("--only", action="append", choices=["data", "sft", "rm", "ppo", "dpo", "eval"],
+    p.add_argument("--only", action="append", choices=["data", "sft", "rm", "gold", "ppo", "dpo", "eval"],
                    help="run only this stage (repeatable); inputs come from earlier stages' folders")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the recipe and every stage's config, print the plan, run nothing")
@@ -49,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
         best = data.get("best", {}).get("overall")
         for label, r in rows.items():
             if r.get("win_rate") is not None and not r.get("baseline") and r.get("final"):
-                print(f"  {label}: RM win rate vs SFT {r['win_rate']:.2f}, KL {r.get('kl') if r.get('kl') is not None else float('nan'):.2f}")
+                gold = f", gold win rate {r['gold_win_rate']:.2f}" if r.get("gold_win_rate") is not None else ""
+                kl = r.get("kl") if r.get("kl") is not None else float("nan")
+                print(f"  {label}: RM win rate vs SFT {r['win_rate']:.2f}{gold}, KL {kl:.2f}, "
+                      f"refusals {r.get('refusal_rate') or 0:.0%}")
         if best in rows:
             chat_target = rows[best].get("chat")
             print(f"  best checkpoint ({data.get('selection')}): {best}")

@@ -13,21 +13,34 @@ such as ``smollm2`` -- on the same held-out data:
   of ``sum_t log pi(y_t) - log pi_ref(y_t)`` over the target's own response tokens, both
   teacher-forced. A true KL estimate when sampling at temperature 1; with greedy decoding
   it is the log-ratio at the policy's mode (still 0 for an unchanged model, growing with drift);
+* **refusal rate**: share of responses opening with a refusal ("I'm sorry", "I cannot", ...;
+  :func:`chatforge.textstats.is_refusal`);
 * **RM score** of the responses and **RM win rate** against the baseline's responses to the
-  same prompts (ties, e.g. identical responses, count half), with a bootstrap 95% interval;
+  same prompts (ties, e.g. identical responses, count half), with a bootstrap 95% interval.
+  This RM (``rm``) is the *proxy*: the one RL was trained against;
+* optionally a **gold judge** RL never saw (``gold``): a second RM trained on a disjoint part
+  of the preferences (the proxy/gold set-up of Gao et al. 2022), giving **gold score** and
+  **gold win rate** the same way, or the LLM judge (``gold="judge"``);
 * optionally an **LLM-judge win rate** (:mod:`chatforge.eval.judge`, both orders).
 
-Then, per run, the best checkpoint is flagged (RM win rate > judge win rate > mean RM score
-> held-out perplexity, whichever exists) and every checkpoint that is worse than an earlier
-one beyond noise (paired test, :func:`chatforge.eval.metrics.regressions`) is warned about:
-training oscillates (Chinese-Tiger-LoRA saw checkpoints degrade into repeating words), so
-the last checkpoint is never silently taken as the best.
+The model each run began from (its config's ``model``: the SFT or base model) is always a
+row, added when it is not among the targets, so a run that made its start worse shows it.
+
+Then, per run, the best checkpoint is flagged (by gold when there is a gold judge: gold win
+rate > gold score, or the judge's win rate; else RM win rate > judge win rate > mean RM
+score > held-out perplexity, whichever exists) and every checkpoint that is worse than an
+earlier one beyond noise (paired test, :func:`chatforge.eval.metrics.regressions`) is
+warned about: training oscillates (Chinese-Tiger-LoRA saw checkpoints degrade into
+repeating words), so the last checkpoint is never silently taken as the best. Warnings in
+words also name over-optimisation (proxy up while gold down), a last checkpoint worse than
+its start by gold, and jumps vs the start in refusal, loop and missing end-of-turn rates
+and in length (:mod:`chatforge.eval.overopt`, thresholds there).
 
 One model is in memory at a time: each target is loaded, measured and freed; log-probs
 under each reference are computed afterwards, loading each reference once; the reward
-model is loaded once at the end. Every part is cached in ``OUT/cache/`` under a key made
-of the checkpoint's files (path, sizes, mtimes) and the settings, so re-running after one
-more checkpoint only evaluates the new one.
+model is loaded once at the end, then the gold RM once. Every part is cached in
+``OUT/cache/`` under a key made of the checkpoint's files (path, sizes, mtimes) and the
+settings, so re-running after one more checkpoint only evaluates the new one.
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ from chatforge.errors import ConfigError, DataError
 from chatforge.generate.sampling import SamplingConfig
 from chatforge.eval import metrics as M
 from chatforge.eval.measure import decoding_copy, generate_responses, heldout_nll, response_logprobs
+from chatforge.eval.overopt import findings
 from chatforge.runs import atomic_write_text, checkpoint_step, list_checkpoints
 
 CACHE_VERSION = 2
@@ -95,6 +109,7 @@ class Target:
     ref: str | None = None   # KL reference
     template: str = "auto"
     run_dir: str | None = None  # the run folder it belongs to
+    start: str | None = None    # the model its run began from (config ``model``), when loadable here
 
     @property
     def label(self) -> str:
@@ -112,6 +127,7 @@ class EvalResult:
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     out: Path | None = None
+    gold: str | None = None                # which judge is gold: "rm" (gold_score), "judge", or None
 
     def row(self, label: str) -> dict[str, Any]:
         for r in self.rows:
@@ -120,7 +136,7 @@ class EvalResult:
         raise KeyError(label)
 
     def to_json(self) -> dict[str, Any]:
-        return {"settings": self.settings, "selection": self.selection, "best": self.best,
+        return {"settings": self.settings, "selection": self.selection, "gold": self.gold, "best": self.best,
                 "warnings": self.warnings, "notes": self.notes, "rows": self.rows, "prompts": self.prompts}
 
 
@@ -182,13 +198,15 @@ def targets_of(label: str, run: str | Path, baseline: str | None = None, max_che
     cfg = _read_yaml(p / "config.yaml")
     start = next((cfg[k] for k in REF_KEYS if isinstance(cfg.get(k), str) and cfg.get(k)), cfg.get("model"))
     ref = _resolvable(str(start), p.parent) if isinstance(start, str) and start else None
+    began = cfg.get("model")
+    began = (ref if began == start else _resolvable(began, p.parent)) if isinstance(began, str) and began else None
     if ref is None:
         ref = baseline
         if start:
             notes.append(f"{label}: its starting model {start!r} is not loadable here; KL is measured to "
                          f"{'the baseline' if baseline else 'nothing (skipped)'}")
     template = cfg.get("template") if isinstance(cfg.get("template"), str) else "auto"
-    out = [Target(label, ck.name, str(ck), checkpoint_step(ck), False, ref, template, str(p))
+    out = [Target(label, ck.name, str(ck), checkpoint_step(ck), False, ref, template, str(p), began)
            for ck in list_checkpoints(p)]
     final = p / "model"
     if final.is_dir():
@@ -197,7 +215,7 @@ def targets_of(label: str, run: str | Path, baseline: str | None = None, max_che
         else:
             steps = _read_json(p / "summary.json").get("steps")
             out.append(Target(label, "final", str(final), steps if isinstance(steps, int) else None, True, ref,
-                              template, str(p)))
+                              template, str(p), began))
     if not out:
         raise ConfigError(f"{p}: run folder has no checkpoints and no model/ to evaluate")
     if 0 < max_checkpoints < len(out):
@@ -327,7 +345,7 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
                   base_model: str | None = None, temperature: float = 0.0, max_checkpoints: int = 0,
                   judge_url: str | None = None,
                   judge_model: str | None = None, out: str | Path | None = None, settings: EvalSettings | None = None,
-                  log: Callable[[str], None] = _log) -> EvalResult:
+                  gold: str | Path | None = None, log: Callable[[str], None] = _log) -> EvalResult:
     """Evaluate every checkpoint of each run (see the module docstring); writes
     ``eval.json``, ``eval.jsonl`` and ``samples.jsonl`` into ``out`` when given.
 
@@ -337,6 +355,10 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
     ``judge_url`` + ``judge_model``. ``settings`` overrides the individual knobs.
     ``max_checkpoints > 0`` evaluates that many checkpoints per run (evenly spaced, the last
     always), for a time budget; the default is every checkpoint.
+
+    ``rm`` is the *proxy* (the reward model RL optimised); ``gold`` the gold judge RL never
+    saw: a second reward model (run folder or directory), or ``"judge"`` for the LLM judge.
+    The model each run began from is always evaluated too (a row, added when missing).
     """
     from chatforge.models.load import load
 
@@ -349,6 +371,7 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
         if not judge_model:
             raise ConfigError("judge_url needs judge_model (the model name the endpoint serves)")
         judge = Judge(judge_url, judge_model)
+    gold_kind = _check_gold(gold, rm, judge, baseline)
     progress = log
     outp = Path(out) if out is not None else None
     cache = Cache(outp / "cache" if outp is not None else None)
@@ -368,13 +391,7 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
         notes += n
     base_target: Target | None = None
     if base_str is not None:
-        from chatforge.models.load import resolve
-
-        base_dir = Path(resolve(base_str).path).resolve()
-        bp = Path(base_str).expanduser().resolve()
-        base_target = next((t for t in targets if t.final and t.run_dir and Path(t.run_dir).resolve() == bp), None)
-        base_target = base_target or next((t for t in targets if t.path == base_str or (
-            Path(t.path).exists() and Path(resolve(t.path).path).resolve() == base_dir)), None)
+        base_target = find_target(targets, base_str)
         if base_target is None:
             lab = Path(base_str).name if Path(base_str).exists() else base_str
             if any(t.run == lab for t in targets):  # e.g. another pipeline's "sft"
@@ -383,6 +400,20 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
             base_target = bt[-1]  # a run's final model (its newest checkpoint when unfinished)
             notes += n
             targets.insert(0, base_target)
+    # ---- the model each run began from is a row too, so "worse than where it started" shows
+    added: set[str] = set()  # labels of start rows added for comparison only (no trajectory of their own)
+    for t in list(targets):
+        if t.start is None or find_target(targets, t.start) is not None:
+            continue
+        lab = Path(t.start).name if Path(t.start).exists() else t.start
+        if any(x.run == lab for x in targets):
+            lab = f"start-{lab}"
+        st, n = targets_of(lab, t.start, base_str)
+        notes += n
+        targets.insert(1 if targets[0] is base_target else 0, st[-1])
+        added.add(st[-1].label)
+    starts = {t.label: st.label for t in targets if t.start is not None and (st := find_target(targets, t.start))
+              and st is not t}
 
     fallback = None
     for t in targets:
@@ -459,6 +490,9 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
     rm_scores: dict[str, list[float]] = {}
     if rm is not None:
         rm_scores = _score_all(rm, targets, gen, gkeys, prompt_msgs, s, cache, notes)
+    gold_scores: dict[str, list[float]] = {}
+    if gold_kind == "rm":  # the gold RM: loaded after the proxy is freed, cached under its own identity
+        gold_scores = _score_all(gold, targets, gen, gkeys, prompt_msgs, s, cache, notes)
 
     # ---- phase 4: LLM judge
     judged: dict[str, list[tuple[float, list]]] = {}
@@ -480,10 +514,48 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
                     hit = cache.put("judge", k, res)
                 judged[t.label] = [(float(o), v) for o, v in hit]
 
-    result = assemble(targets, gen, kl, rm_scores, judged, base_target, prompt_msgs, s, notes)
+    result = assemble(targets, gen, kl, rm_scores, judged, base_target, prompt_msgs, s, notes,
+                      gold_scores=gold_scores, gold=gold_kind, starts=starts, added=added)
     if outp is not None:
         write_outputs(result, outp)
     return result
+
+
+def find_target(targets: Sequence[Target], model: str | Path) -> Target | None:
+    """The target that *is* ``model``: a run folder's final model (or newest checkpoint), or
+    the target loading the same model folder; None when ``model`` is not among them."""
+    from chatforge.models.load import resolve
+
+    m = str(model)
+    p = Path(m).expanduser()
+    if p.is_dir():
+        rp = p.resolve()
+        hit = next((t for t in targets if t.final and t.run_dir and Path(t.run_dir).resolve() == rp), None)
+        if hit is not None:
+            return hit
+    d = Path(resolve(m).path).resolve()
+    return next((t for t in targets
+                 if t.path == m or (Path(t.path).exists() and Path(resolve(t.path).path).resolve() == d)), None)
+
+
+def _check_gold(gold: str | Path | None, rm: str | Path | None, judge: Any, baseline: Any) -> str | None:
+    """``"rm"``, ``"judge"`` or None; ConfigError for a gold judge that cannot work."""
+    if gold is None:
+        return None
+    if str(gold) == "judge":
+        if judge is None:
+            raise ConfigError("gold=judge makes the LLM judge the gold judge: give judge_url and judge_model "
+                              "(--judge-url, --judge-model)")
+        if baseline is None:
+            raise ConfigError("gold=judge compares every response with the baseline's: give a baseline (--baseline)")
+        return "judge"
+    gp = Path(str(gold)).expanduser()
+    if not gp.exists():
+        raise ConfigError(f"gold: {gold}: no such reward model (a run folder or a model directory)")
+    if rm is not None and _rm_identity(gp)[0] == _rm_identity(Path(str(rm)).expanduser())[0]:
+        raise ConfigError(f"gold: {gold} is the proxy reward model (--rm) itself: the gold judge must be one RL "
+                          f"never saw (e.g. an RM trained on a disjoint part of the preferences)")
+    return "rm"
 
 
 def _score_all(rm: str | Path, targets: list[Target], gen: dict, gkeys: dict, prompt_msgs: list, s: EvalSettings,
@@ -524,9 +596,32 @@ def _fin(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
 
 
+# selection metrics in order of preference: (row key, items key, higher is better, min delta for regressions)
+GOLD_SELECTION = {"rm": [("gold_win_rate", "gwin", True, 0.0), ("gold_score", "gold", True, 0.0)],
+                  "judge": [("judge_win_rate", "judge", True, 0.0)]}
+SELECTION = [("win_rate", "win", True, 0.0), ("judge_win_rate", "judge", True, 0.0), ("rm_score", "rm", True, 0.0),
+             ("ppl", "nll", False, 0.005)]
+TIE_BREAK = {"win_rate": "rm_score", "judge_win_rate": "rm_score", "gold_win_rate": "gold_score"}
+GOLD_KEY = {"rm": "gold_score", "judge": "judge_win_rate"}  # the gold value of a row, for the warnings
+
+
+def _score_wins(resp: list[dict], base_resp: list[dict], sc: list[float], base_sc: list[float]) -> list[float]:
+    """Per-prompt outcomes by score vs the baseline's response (identical texts tie)."""
+    return [0.5 if a["text"].strip() == b["text"].strip() else M.compare_scores(x, y, 1e-6)
+            for a, b, x, y in zip(resp, base_resp, sc, base_sc)]
+
+
 def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged: dict, base_target: Target | None,
-             prompt_msgs: list, s: EvalSettings, notes: list[str]) -> EvalResult:
-    """Rows, samples, best checkpoint per run, regression warnings (pure: no models)."""
+             prompt_msgs: list, s: EvalSettings, notes: list[str], *, gold_scores: dict | None = None,
+             gold: str | None = None, starts: Mapping[str, str] | None = None, added: Sequence[str] = ()
+             ) -> EvalResult:
+    """Rows, samples, best checkpoint per run, regression and over-optimisation warnings (pure: no models).
+
+    ``rm_scores`` are the proxy RM's, ``gold_scores`` the gold RM's; ``gold`` says which judge
+    is gold (``"rm"``, ``"judge"`` or None); ``starts`` maps a label to its run's start row,
+    ``added`` lists start rows added only for comparison."""
+    gold_scores = gold_scores or {}
+    starts = starts or {}
     rows, samples = [], []
     items: dict[str, dict[str, list[float]]] = {}
     base_lab = base_target.label if base_target else None
@@ -549,35 +644,43 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
             "len_words": M.mean([len(M.words(x)) for x in texts]),
             **M.degeneration(texts, [r["finish_reason"] for r in resp]),
             "loop_rate": M.mean(loops),  # words or tokens (see token_loop)
+            "refusal_rate": M.refusal_rate(texts),
+            "start": starts.get(t.label), "n_prompts": len(resp),
         }
         it = {"nll": conv_nll, "loop": loops}
-        if t.label in rm_scores:
-            sc = rm_scores[t.label]
-            row["rm_score"] = M.mean(sc)
-            it["rm"] = sc
-            if base_lab is not None and base_lab in rm_scores:  # the baseline itself: all ties, 0.5
-                outc = [0.5 if a["text"].strip() == b["text"].strip() else M.compare_scores(x, y, 1e-6)
-                        for a, b, x, y in zip(resp, gen[base_lab]["responses"], sc, rm_scores[base_lab])]
-                row["win_rate"] = M.win_rate(outc)
-                row["win_lo"], row["win_hi"] = M.bootstrap_ci(outc, seed=s.seed)
-                it["win"] = outc
+        for scores, pre, score_key, win_key in ((rm_scores, "", "rm", "win"), (gold_scores, "gold_", "gold", "gwin")):
+            if t.label not in scores:
+                continue
+            sc = scores[t.label]
+            row[f"{pre or 'rm_'}score"], row[f"{pre or 'rm_'}score_std"] = M.mean(sc), M.std(sc)
+            it[score_key] = sc
+            if base_lab is not None and base_lab in scores:  # the baseline itself: all ties, 0.5
+                outc = _score_wins(resp, gen[base_lab]["responses"], sc, scores[base_lab])
+                row[f"{pre}win_rate"] = M.win_rate(outc)
+                row[f"{pre}win_lo"], row[f"{pre}win_hi"] = M.bootstrap_ci(outc, seed=s.seed)
+                it[win_key] = outc
         if t.label == base_lab and judged:
             judged[t.label] = [(0.5, ["same", "same"])] * len(resp)
         if t.label in judged:
             outc = [o for o, _ in judged[t.label]]
-            row["judge_win_rate"] = M.win_rate(outc)
+            row["judge_win_rate"], row["judge_win_rate_std"] = M.win_rate(outc), M.std(outc)
             it["judge"] = outc
         rows.append({k: _fin(v) if isinstance(v, float) else v for k, v in row.items()})
         items[t.label] = it
         for i, r in enumerate(resp):
             smp = {"label": t.label, "run": t.run, "checkpoint": t.name, "prompt_index": i, "response": r["text"],
-                   "finish_reason": r["finish_reason"], "n_tokens": len(r["token_ids"]), "loop": bool(loops[i])}
+                   "finish_reason": r["finish_reason"], "n_tokens": len(r["token_ids"]), "loop": bool(loops[i]),
+                   "refusal": M.is_refusal(texts[i])}
             if t.label in kl:
                 smp["kl"] = kl[t.label][i]
             if "rm" in it:
                 smp["rm_score"] = it["rm"][i]
             if "win" in it:
                 smp["rm_outcome"] = it["win"][i]
+            if "gold" in it:
+                smp["gold_score"] = it["gold"][i]
+            if "gwin" in it:
+                smp["gold_outcome"] = it["gwin"][i]
             if t.label in judged:
                 smp["judge_outcome"], smp["judge_verdicts"] = judged[t.label][i]
             samples.append(smp)
@@ -587,8 +690,7 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
         return any(r.get(k) is not None for r in rows if not r["baseline"])
 
     selection, key, higher, min_delta = None, None, True, 0.0
-    for sel, k, hi, md in (("win_rate", "win", True, 0.0), ("judge_win_rate", "judge", True, 0.0),
-                           ("rm_score", "rm", True, 0.0), ("ppl", "nll", False, 0.005)):
+    for sel, k, hi, md in GOLD_SELECTION.get(gold or "", []) + SELECTION:  # by gold first, when there is one
         if has(sel):
             selection, key, higher, min_delta = sel, k, hi, md
             break
@@ -599,7 +701,7 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
     warnings: list[str] = []
     by_run: dict[str, list[int]] = {}
     run_best: list[int] = []  # the best row of each run, plain models included
-    evaluated_runs = {t.run for t in targets if t is not base_target}
+    evaluated_runs = {t.run for t in targets if t is not base_target and t.label not in added}
     for i, r in enumerate(rows):
         if r["run"] in evaluated_runs:  # a baseline added only for comparison has no trajectory
             by_run.setdefault(r["run"], []).append(i)
@@ -616,10 +718,17 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
         best[run] = rows[bi]["label"]
         if bi != idx[-1]:  # strictly better than the last (exact ties go to the later one)
             last = rows[idx[-1]]
-            by = [selection] + (["rm_score"] if last.get(selection) == rows[bi][selection] else [])
+            tie = TIE_BREAK.get(selection)
+            by = [selection] + ([tie] if tie and last.get(selection) == rows[bi][selection] else [])
             notes.append(f"{run}: best checkpoint is {rows[bi]['checkpoint']} ("
                          + ", ".join(f"{k} {_fmt(rows[bi].get(k))}" for k in by) + "), not the last ("
                          + ", ".join(f"{k} {_fmt(last.get(k))}" for k in by) + f"): {rows[bi]['path']}")
+        proxy = "win_rate" if has("win_rate") else "rm_score"
+        pi = _best_row(rows, idx, proxy, True) if gold and has(proxy) else None
+        if pi is not None and pi != bi:  # what choosing by the proxy would have taken instead
+            notes.append(f"{run}: by the proxy RM the best would be {rows[pi]['checkpoint']} ({proxy} "
+                         f"{_fmt(rows[pi].get(proxy))}); by gold it is {rows[bi]['checkpoint']} ({selection} "
+                         f"{_fmt(rows[bi].get(selection))} vs {_fmt(rows[pi].get(selection))})")
         # oscillation: later checkpoints worse than earlier ones beyond noise
         labs = [rows[i]["label"] for i in idx]
         for metric, k, hi, md, what in ((selection, key, higher, min_delta, selection),
@@ -634,6 +743,11 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
                        f"({_fmt(v)} vs {_fmt(ev)}; paired difference {reg.delta:.3g} > {s.z:g} x se {reg.se:.2g})")
                 warnings.append(msg)
                 ri.setdefault("regressions", []).append(f"{what} worse than {re_['checkpoint']}")
+    # over-optimisation (proxy up, gold down) and jumps vs the start: refusals, loops, no end-of-turn, length
+    # (a baseline's run counts here: SFT that made the base model worse must say so)
+    for f in findings(rows, GOLD_KEY.get(gold or ""), runs=sorted({t.run for t in targets if t.label not in added})):
+        warnings.append(f.text)
+        next(r for r in rows if r["label"] == f.label).setdefault("flags", []).append(f.kind)
     run_best += [i for i, r in enumerate(rows) if r["run"] not in evaluated_runs]  # a baseline may beat them all
     if selection is not None and run_best:
         best["overall"] = rows[_best_row(rows, run_best, selection, higher)]["label"]
@@ -641,19 +755,25 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
         r.setdefault("best", False)
     pr = [{"index": i, "text": prompt_text(p), "messages": p} for i, p in enumerate(prompt_msgs)]
     st = asdict(s)
-    return EvalResult(rows, samples, pr, best, selection, warnings, notes, st)
+    return EvalResult(rows, samples, pr, best, selection, warnings, notes, st, gold=gold)
 
 
 def _best_row(rows: list[dict], idx: list[int], selection: str, higher: bool) -> int | None:
     """The best of ``rows[idx]`` by ``selection``. Win rates saturate (every response beats
-    the baseline, or all tie), so ties are broken by the mean RM score, then by the *later*
-    checkpoint: equal quality for more training is no reason to step back."""
+    the baseline, or all tie), so ties are broken by the mean score of the same judge
+    (:data:`TIE_BREAK`), then by the *later* checkpoint: equal quality for more training is
+    no reason to step back."""
     sign = 1.0 if higher else -1.0
     ok = [i for i in idx if rows[i].get(selection) is not None]
     if not ok:
         return None
-    tie = "rm_score" if selection in ("win_rate", "judge_win_rate") else None
-    return max(ok, key=lambda i: (sign * rows[i][selection], (rows[i].get(tie) or -math.inf) if tie else 0.0, idx.index(i)))
+    tie = TIE_BREAK.get(selection)
+
+    def tie_value(i: int) -> float:
+        v = rows[i].get(tie) if tie else 0.0
+        return -math.inf if v is None else v
+
+    return max(ok, key=lambda i: (sign * rows[i][selection], tie_value(i), idx.index(i)))
 
 
 def _fmt(v: Any) -> str:

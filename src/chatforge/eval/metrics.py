@@ -2,7 +2,7 @@
 
 No torch here: everything works on strings, token lists and floats, so each definition is
 tested on hand-made examples (tests/test_eval.py). The text statistics (words, repeated
-n-grams, distinct-n, loops, no end-of-turn, :func:`degeneration`, :func:`compare_scores`)
+n-grams, distinct-n, loops, no end-of-turn, refusals, :func:`degeneration`, :func:`compare_scores`)
 live one floor down in :mod:`chatforge.textstats`, where the trainers use them too; they
 are re-exported here under the same names, with their definitions in that module's doc.
 
@@ -23,8 +23,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from chatforge.textstats import (Loop, Tokens, compare_scores, degeneration, distinct_n, falls_into_loop,  # noqa: F401
-                                 find_loop, mean, ngrams, no_eos_rate, repeated_ngram_rate, words)
+from chatforge.textstats import (REFUSAL_OPENINGS, Loop, Tokens, compare_scores, degeneration,  # noqa: F401
+                                 distinct_n, falls_into_loop, find_loop, is_refusal, mean, ngrams, no_eos_rate,
+                                 refusal_rate, repeated_ngram_rate, words)
 
 
 # ---------------------------------------------------------------- lengths, win rate
@@ -65,6 +66,11 @@ def win_rate(outcomes: Iterable[float | str]) -> float:
 
 
 # ---------------------------------------------------------------- uncertainty
+def std(xs: Sequence[float]) -> float:
+    """Population standard deviation (0 for fewer than 2 values)."""
+    return statistics.pstdev(xs) if len(xs) >= 2 else 0.0
+
+
 def stderr(xs: Sequence[float]) -> float:
     """Standard error of the mean (0 for fewer than 2 values)."""
     if len(xs) < 2:

@@ -4,9 +4,11 @@
 base64 data URI, no script, no external reference. The PNGs are also written beside it
 (into the pipeline folder) so ``report.md`` can show them where Markdown renders images.
 
-Contents: training curves of each stage (from its ``metrics.jsonl``), the evaluation's
-per-checkpoint curves, the checkpoint table (best flagged, regressions warned), warnings
-and notes, and sample responses side by side on the same held-out prompts.
+Contents: the warnings first (over-optimisation, jumps vs the start, regressions), the
+checkpoint table (best flagged), notes, the over-optimisation curve (proxy and gold reward
+against KL, when there is a gold judge), training curves of each stage (from its
+``metrics.jsonl``), the evaluation's per-checkpoint curves, and sample responses side by
+side on the same held-out prompts.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ COLUMNS = [
     ("kl", "KL", ".2f"),
     ("rm_score", "RM", ".3f"),
     ("win_rate", "win", ".2f"),
+    ("gold_score", "gold", ".3f"),
+    ("gold_win_rate", "gold win", ".2f"),
     ("judge_win_rate", "judge", ".2f"),
     ("len_tokens", "len", ".0f"),
     ("rep_ngram", "rep3", ".2f"),
@@ -52,13 +56,18 @@ COLUMNS = [
     ("distinct_2", "d-2", ".2f"),
     ("loop_rate", "loop", ".0%"),
     ("no_eos_rate", "no-EOS", ".0%"),
+    ("refusal_rate", "refuse", ".0%"),
 ]
+WIN_INTERVALS = {"win_rate": "win", "gold_win_rate": "gold_win"}  # column -> prefix of its _lo/_hi
 
 LEGEND = ("ppl: held-out perplexity (assistant tokens) · KL: Σ log π/π_ref over the response, to the run's "
-          "starting model (a plain model: to the baseline) · RM: mean reward · win: RM win rate vs the baseline (ties ½) [95% bootstrap] · judge: "
-          "LLM-judge win rate (both orders) · len: response tokens · rep3: repeated 3-gram rate · d-1/d-2: "
-          "distinct-1/2 · loop: share of responses ending in a loop · no-EOS: share cut by the token budget · "
-          "★ best checkpoint of its run · ⚠ worse than an earlier checkpoint beyond noise")
+          "starting model (a plain model: to the baseline) · RM: mean reward by the proxy RM (the one RL "
+          "optimised) · win: its win rate vs the baseline (ties ½) [95% bootstrap] · gold / gold win: the same "
+          "by the gold RM, which RL never saw · judge: LLM-judge win rate (both orders) · len: response tokens · rep3: repeated "
+          "3-gram rate · d-1/d-2: distinct-1/2 · loop: share of responses ending in a loop · no-EOS: share cut by "
+          "the token budget · refuse: share opening with a refusal (\"I'm sorry\", \"I cannot\", ...) · "
+          "start: the model a run began from · ★ best checkpoint of its run (by gold when there is a gold judge) · "
+          "⚠ worse than an earlier checkpoint beyond noise, or warned about above")
 
 
 # ---------------------------------------------------------------- figures
@@ -143,7 +152,7 @@ def checkpoint_curves(result: EvalResult, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in (result.selection, "kl", "loop_rate", "rep_ngram", "len_tokens") if k]
+    keys = [k for k in (result.selection, "kl", "loop_rate", "refusal_rate", "rep_ngram", "len_tokens") if k]
     keys = list(dict.fromkeys(keys))
     runs: dict[str, list[dict]] = {}
     for r in result.rows:
@@ -174,6 +183,56 @@ def checkpoint_curves(result: EvalResult, out: Path) -> Path | None:
     return out
 
 
+GOLD_LABEL = {"rm": ("gold_score", "gold RM score"), "judge": ("judge_win_rate", "gold: LLM-judge win rate")}
+
+
+def overoptimisation_curve(result: EvalResult, out: Path) -> Path | None:
+    """The over-optimisation curve (Gao et al. 2022): per run, the proxy reward (left axis) and
+    the gold value (right axis) of its start and of every checkpoint against the KL to the
+    start (the start at 0). Proxy rising while gold turns down is reward hacking. None
+    without a gold judge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gold_key, gold_name = GOLD_LABEL.get(result.gold or "", (None, None))
+    if gold_key is None:
+        return None
+    label_of = {r["label"]: r for r in result.rows}
+    runs: dict[str, list[tuple[float, dict, bool]]] = {}
+    for r in result.rows:
+        st = label_of.get(r.get("start") or "")
+        if st is None or r.get("kl") is None or (r.get("rm_score") is None and r.get(gold_key) is None):
+            continue
+        pts = runs.setdefault(r["run"], [(0.0, st, True)])
+        pts.append((r["kl"], r, False))
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 3.4), squeeze=False)
+    for ax, (run, pts) in zip(axes[0], runs.items()):
+        ax2 = ax.twinx()
+        for a, key, colour, name in ((ax, "rm_score", "C0", "proxy RM score"), (ax2, gold_key, "C1", gold_name)):
+            xy = [(x, r[key], r, st) for x, r, st in pts if r.get(key) is not None]
+            a.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", color=colour, label=name)
+            a.set_ylabel(name, color=colour, fontsize=9)
+            for x, y, r, is_start in xy:
+                if is_start:
+                    a.annotate("start", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+                elif key == gold_key and r.get("best"):
+                    a.plot([x], [y], marker="*", markersize=15, color="gold", markeredgecolor="k")
+                if "overoptimisation" in (r.get("flags") or []) and key == gold_key:
+                    a.plot([x], [y], marker="x", markersize=10, color="red", mew=2)
+        ax.set_title(f"{run}: proxy and gold vs KL", fontsize=10)
+        ax.set_xlabel("KL to the start (Σ log π/π_ref per response)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("over-optimisation curve (★ best by gold, × proxy up while gold down)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 # ---------------------------------------------------------------- the table
 def _cell(v: Any, fmt: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
@@ -188,17 +247,19 @@ def table(result: EvalResult) -> tuple[list[str], list[list[str]]]:
     cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in result.rows)]
     header = ["model"] + [c[1] for c in cols]
     body = []
+    starts = {r.get("start") for r in result.rows}
     for r in result.rows:
         tags = [t for t, on in (("final", r.get("final") and r["checkpoint"] != "final"),
-                                ("baseline", r.get("baseline"))) if on]
+                                ("baseline", r.get("baseline")), ("start", r["label"] in starts)) if on]
         name = r["label"] + (f" ({', '.join(tags)})" if tags else "")
         name += " ★" if r.get("best") else ""
-        name += " ⚠" if r.get("regressions") else ""
+        name += " ⚠" if r.get("regressions") or r.get("flags") else ""
         cells = [name]
         for k, _, fmt in cols:
             c = _cell(r.get(k), fmt)
-            if k == "win_rate" and r.get("win_lo") is not None and not r.get("baseline"):
-                c += f" [{r['win_lo']:.2f}–{r['win_hi']:.2f}]"
+            pre = WIN_INTERVALS.get(k)
+            if pre and r.get(f"{pre}_lo") is not None and not r.get("baseline"):
+                c += f" [{r[f'{pre}_lo']:.2f}–{r[f'{pre}_hi']:.2f}]"
             cells.append(c)
         body.append(cells)
     return header, body
@@ -306,6 +367,10 @@ def render_html(title: str, figures: list[tuple[str, Path]], result: EvalResult 
     if stages:
         h.append(" · stages: " + ", ".join(f"<b>{_esc(k)}</b> <code>{_esc(v)}</code>" for k, v in stages.items()))
     h.append("</p>")
+    if result is not None and result.warnings:
+        h.append("<h2>Warnings</h2>")
+        for w in result.warnings:
+            h.append(f"<div class=warn>⚠ {_esc(w)}</div>")
     if result is not None:
         h.append("<h2>Checkpoints</h2>")
         st = result.settings
@@ -314,12 +379,11 @@ def render_html(title: str, figures: list[tuple[str, Path]], result: EvalResult 
                  f" · best by <b>{_esc(result.selection or 'nothing')}</b></p>")
         for line in best_lines(result):
             h.append(f"<p>★ {_esc(line)}</p>")
-        for w in result.warnings:
-            h.append(f"<div class=warn>⚠ {_esc(w)}</div>")
         header, body = table(result)
         h.append("<table class=ckpt><tr>" + "".join(f"<th>{_esc(x)}</th>" for x in header) + "</tr>")
         for r, cells in zip(result.rows, body):
-            cls = " ".join(c for c, on in (("best", r.get("best")), ("regressed", r.get("regressions"))) if on)
+            cls = " ".join(c for c, on in (("best", r.get("best")),
+                                           ("regressed", r.get("regressions") or r.get("flags"))) if on)
             h.append(f"<tr class='{cls}'><td>{_esc(cells[0])}</td>"
                      + "".join(f"<td class=num>{_esc(c)}</td>" for c in cells[1:]) + "</tr>")
         h.append("</table>")
@@ -348,8 +412,12 @@ def render_html(title: str, figures: list[tuple[str, Path]], result: EvalResult 
                         tags += "<span class='tag bad'>loop</span>"
                     if s.get("finish_reason") == "length":
                         tags += "<span class='tag bad'>no EOS</span>"
+                    if s.get("refusal"):
+                        tags += "<span class='tag bad'>refusal</span>"
                     if s.get("rm_score") is not None:
                         tags += f"<span class=tag>RM {s['rm_score']:.2f}</span>"
+                    if s.get("gold_score") is not None:
+                        tags += f"<span class=tag>gold {s['gold_score']:.2f}</span>"
                     h.append(f"<td>{_esc(_clip(s['response'].strip(), max_chars)) or '<i>(empty)</i>'}{tags}</td>")
                 h.append("</tr>")
             h.append("</table>")
@@ -360,11 +428,12 @@ def render_html(title: str, figures: list[tuple[str, Path]], result: EvalResult 
 def render_markdown(title: str, figures: list[tuple[str, Path]], result: EvalResult | None,
                     samples: Sequence[dict[str, Any]], max_chars: int = 300) -> str:
     md = [f"# {title}", ""]
+    if result is not None and result.warnings:
+        md += ["## Warnings", ""] + [f"> ⚠ {w}" + "  " for w in result.warnings] + [""]
     if result is not None:
         md += ["## Checkpoints", "", markdown_table(result), "", LEGEND, ""]
         md += [f"★ {line}  " for line in best_lines(result)]
-        md += [""] + [f"> ⚠ {w}" + "  " for w in result.warnings] + [""]
-        md += [f"- {n}" for n in result.notes] + [""]
+        md += [""] + [f"- {n}" for n in result.notes] + [""]
     if figures:
         md += ["## Curves", ""] + [f"![{cap}]({png.name})" for cap, png in figures] + [""]
     if result is not None and samples:
@@ -387,7 +456,7 @@ def load_result(eval_dir: str | Path) -> tuple[EvalResult, list[dict[str, Any]]]
     data = json.loads((d / "eval.json").read_text(encoding="utf-8"))
     samples = [json.loads(x) for x in (d / "samples.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
     res = EvalResult(data["rows"], samples, data["prompts"], data["best"], data["selection"], data["warnings"],
-                     data["notes"], data["settings"], d)
+                     data["notes"], data["settings"], d, data.get("gold"))
     return res, samples
 
 
@@ -408,6 +477,9 @@ def write_report(pipeline_dir: str | Path, stages: Mapping[str, str | Path], eva
         samples = eval_result.samples
     figures: list[tuple[str, Path]] = []
     if eval_result is not None:
+        png = overoptimisation_curve(eval_result, out / "overoptimisation.png")
+        if png is not None:
+            figures.append(("over-optimisation: proxy and gold reward against KL to the start", png))
         png = checkpoint_curves(eval_result, out / "eval_checkpoints.png")
         if png is not None:
             figures.append(("evaluation per checkpoint", png))
