@@ -7,7 +7,8 @@ own precision policy, so :class:`MasterWeights` is for one process or DDP).
 * :class:`MasterWeights` -- bf16 compute weights + fp32 masters for full fine-tuning, instead
   of autocast, which re-casts every fp32 weight on every forward and casts every weight
   gradient back. Measured with ``bench/sft.py --variant bf16_weights=false`` against the
-  default (figures in ``docs/results/bench.md``).
+  default: 543 vs 410 tokens/s (1.32x) and 4.00 vs 4.29 GB on SmolLM2, 4 x 256 tokens, AMD EPYC
+  with AVX-512-BF16 (``docs/results/bench.md``).
 * :func:`grouped_attention` -- eager attention with the GQA query heads folded into one
   matmul per kv head: fwd+bwd ~2x faster than the SDPA flash kernel on CPU at T=256, whose
   backward is ~15-20% of a SmolLM2 step there.
