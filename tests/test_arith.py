@@ -272,7 +272,7 @@ def test_pipeline_data_and_eval_hooks(tmp_path):
                                      "data.arith.heldout=10", "eval.arith.n=4", "eval.arith.tiers=[add2]",
                                      "eval.max_prompts=2", "eval.max_new_tokens=2", "eval.arith.max_new_tokens=3"])
     ppo = stage_configs(recipe, tmp_path, ["data", "ppo", "eval"])["ppo"]
-    assert ppo.rewards == ["fn:chatforge.train.reward_fns:arith_exact?format_bonus=0.1"]  # the recipe's
+    assert ppo.rewards == ["fn:chatforge.train.reward_fns:arith_exact"]  # the recipe's
     plain = Recipe(stages=["data", "ppo"], data=DataSpec(arith=ArithData()))
     assert stage_inputs(plain, tmp_path)["ppo"]["rewards"] == [ARITH_REWARD]  # the default: the rule alone
     assert stage_inputs(Recipe(), tmp_path)["ppo"]["rewards"] == [f"rm:{tmp_path / 'rm'}"]
