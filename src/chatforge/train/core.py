@@ -12,7 +12,6 @@ LoRA (optimizer state and gradients for <2% of the weights), gradient checkpoint
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -225,11 +224,3 @@ def name_adapter_base(model, start: str) -> None:
     if is_peft(model):
         for cfg in model.peft_config.values():
             cfg.base_model_name_or_path = portable_name(start)
-
-
-def tokens_per_second(tokens: int, seconds: float) -> float:
-    return tokens / seconds if seconds > 0 else 0.0
-
-
-def env_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
