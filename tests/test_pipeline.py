@@ -60,6 +60,13 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "<table" in html and "http://" not in html.replace("http://www.w3.org", "")
     assert "| model |" in (out / "report.md").read_text()
+    # chat defaults measured for the recommended model, recorded in its run folder, read by the chat
+    from chatforge.chat.session import run_sampling_defaults
+
+    rec = json.loads((out / "eval" / "chat_defaults.json").read_text())
+    assert len(rec["candidates"]) >= 3 and rec["judge"] and rec["prompts"] > 0
+    got = run_sampling_defaults(rec["model"])
+    assert got is not None and got["temperature"] == rec["settings"]["temperature"]
 
     # a second run skips every finished stage
     assert main(["pipeline", str(TINY), f"out={out}"]) == 0
@@ -88,3 +95,33 @@ def test_shipped_recipes_parse():
         for stage in ("sft", "rm", "ppo", "dpo"):
             if stage in recipe.stages:
                 stage_config(recipe, stage, root, **inputs[stage])
+
+
+def test_budget_divides_the_wall_time_left_among_the_stages_left():
+    from chatforge.pipeline import BudgetSpec, allot_minutes
+
+    b = BudgetSpec(minutes=10, shares={"sft": 1, "rm": 1, "ppo": 2, "eval": 1})
+    left = ["sft", "rm", "ppo", "eval"]
+    # 10 min left, sft weighs 1 of 5 -> 2 min of wall, 30 % of it outside the loop -> 1.4 min of training
+    assert allot_minutes(b, "sft", left, 600, 0.3) == pytest.approx(1.4)
+    # a stage that ran over leaves less to the next ones: ppo gets 2/3 of what is left
+    assert allot_minutes(b, "ppo", ["ppo", "eval"], 180, 0.0) == pytest.approx(2.0)
+    assert allot_minutes(b, "ppo", ["ppo", "eval"], -30, 0.0) == b.min_minutes  # over budget: the floor
+    with pytest.raises(ConfigError, match="budget.shares"):
+        load_recipe(TINY, ["budget.shares.nope=1"])
+
+
+@pytest.mark.slow
+def test_budget_caps_a_stage_that_would_run_longer(tmp_path, capsys):
+    out = tmp_path / "b"
+    # 100000 SFT steps cannot finish: the 0.6-minute pipeline budget must stop SFT and leave time for the RM
+    assert main(["pipeline", str(TINY), f"out={out}", "stages=[data,sft,rm]", "budget.minutes=0.6",
+                 "sft.max_steps=100000", "sft.eval_every=100000", "sft.save_every=100000", "rm.max_steps=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "budget:" in printed and "of a 0.6-minute budget" in printed
+    t = json.loads((out / "timings.json").read_text())
+    sft_minutes = t["budget"]["allotted_loop_minutes"]["sft"]
+    assert 0 < sft_minutes < 0.6
+    summary = json.loads((out / "sft" / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["train_time_s"] <= 60 * sft_minutes + 5
+    assert (out / "rm" / "DONE").exists()

@@ -132,6 +132,8 @@ class EvalSpec:
     judge_url: str | None = None
     judge_model: str | None = None
     tasks: list[str] = field(default_factory=list)  # task yardsticks run after the checkpoint evaluation: arith
+    chat_defaults: bool = True      # measure sampling settings for the best model -> its chat_defaults.json
+    chat_defaults_prompts: int = 16  # held-out prompts per candidate setting (eval/chat_defaults.py)
     arith: ArithSettings = field(default_factory=ArithSettings)  # eval.arith.{tiers, n, max_new_tokens, ...}
 
     def validate(self) -> None:
@@ -139,11 +141,62 @@ class EvalSpec:
         check_range("eval.max_new_tokens", self.max_new_tokens, 1, None)
         check_range("eval.temperature", self.temperature, 0, None)
         check_range("eval.max_checkpoints", self.max_checkpoints, 0, None)
+        check_range("eval.chat_defaults_prompts", self.chat_defaults_prompts, 1, None)
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
             raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid: {', '.join(TASKS)}")
         if bool(self.judge_url) != bool(self.judge_model):
             raise ConfigError("eval.judge_url and eval.judge_model go together (the endpoint and the model it serves)")
+
+
+# How a pipeline budget (``budget.minutes``) is divided: relative weights of the wall time
+# left, re-divided before each stage among the stages still to run, so a stage that ran
+# over (or under) its part takes it from (or gives it to) the ones after it. Weights from
+# the demo's stage times on an AVX-512-BF16 EPYC (SFT 21 s, RM 62, RLOO 282, DPO 63, eval 127).
+DEFAULT_SHARES = {"data": 0.05, "sft": 1.0, "rm": 1.5, "gold": 1.0, "ppo": 5.0, "dpo": 1.2, "eval": 2.0}
+
+
+@dataclass
+class BudgetSpec:
+    """``budget:``: one wall-clock goal for the whole pipeline (the main job must fit any CPU).
+
+    Before each training stage the pipeline gives it ``shares[stage] / sum(shares of the
+    stages left)`` of the wall time left, and sets that stage's ``max_minutes`` (its loop's
+    training-time budget, :mod:`chatforge.train.loop`) to that part minus the stage's time
+    outside its loop (model loading, held-out evaluations, saving): first guessed as
+    ``overhead`` of the part, then measured on the stages that ran (wall minus
+    ``train_time_s``). A stage's own ``max_minutes``/``max_steps`` still cap it: on a fast
+    CPU the recipe's step counts end the stages early and the budget is never reached; on a
+    slow one the budget cuts them. The evaluation gets what is left; its cost is the recipe's
+    ``eval`` settings (prompts x models x tokens), so keep it small in a budgeted recipe.
+    """
+
+    minutes: float = 0.0                # 0 = no pipeline budget
+    shares: dict[str, float] = field(default_factory=dict)  # changes to DEFAULT_SHARES
+    overhead: float = 0.3               # first guess of a training stage's share of time outside its loop
+    min_minutes: float = 0.25           # a training stage always gets at least this much loop time
+
+    def validate(self) -> None:
+        check_range("budget.minutes", self.minutes, 0, None)
+        check_range("budget.overhead", self.overhead, 0, 1, hi_open=True)
+        check_range("budget.min_minutes", self.min_minutes, 0, None)
+        bad = [k for k in self.shares if k not in STAGES]
+        if bad:
+            raise ConfigError(f"budget.shares: unknown stage(s) {bad}; valid: {', '.join(STAGES)}")
+        for k, v in self.shares.items():
+            check_range(f"budget.shares.{k}", v, 0, None)
+
+    def weight(self, stage: str) -> float:
+        return float(self.shares.get(stage, DEFAULT_SHARES[stage]))
+
+
+def allot_minutes(budget: BudgetSpec, stage: str, left: list[str], wall_left_s: float, overhead: float) -> float:
+    """Loop minutes for ``stage`` (the first of ``left``, the stages still to run) out of
+    ``wall_left_s`` seconds of the pipeline budget; ``overhead``: the expected share of the
+    stage's wall time spent outside its loop."""
+    total = sum(budget.weight(s) for s in left) or 1.0
+    wall = max(0.0, wall_left_s) * budget.weight(stage) / total
+    return round(max(budget.min_minutes, wall * (1 - overhead) / 60), 2)
 
 
 @dataclass
@@ -159,6 +212,7 @@ class Recipe:
     dpo: dict[str, Any] = field(default_factory=dict)
     gold: GoldSpec | None = None
     eval: EvalSpec = field(default_factory=EvalSpec)
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
 
     @property
     def gold_rm(self) -> GoldSpec | None:
@@ -388,6 +442,7 @@ def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[s
     configs = stage_configs(recipe, root, stages)
     t0 = time.time()
     timings: dict[str, float] = {}
+    budget, allotted, overheads = recipe.budget, {}, []
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     for stage in stages:
         folder = root / stage
@@ -407,11 +462,45 @@ def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[s
         elif stage == "eval":
             run_eval_stage(recipe, root, log)
         else:
-            _train(stage, configs[stage])
+            cfg = configs[stage]
+            if budget.minutes:
+                allotted[stage] = budget_stage(budget, cfg, stage, stages[stages.index(stage):],
+                                               budget.minutes * 60 - (ts - t0), overheads, log)
+            _train(stage, cfg)
+            overheads.append(outside_loop_share(folder, time.time() - ts))
         timings[stage] = round(time.time() - ts, 1)
         log(f"[{stage}] finished in {timings[stage]:.0f} s")
-    (root / "timings.json").write_text(json.dumps({"stages_s": timings, "total_s": round(time.time() - t0, 1)}, indent=2))
+    total = round(time.time() - t0, 1)
+    record: dict[str, Any] = {"stages_s": timings, "total_s": total}
+    if budget.minutes:
+        record["budget"] = {"minutes": budget.minutes, "allotted_loop_minutes": allotted,
+                            "within": total <= budget.minutes * 60}
+        log(f"pipeline: {total / 60:.1f} min of a {budget.minutes:g}-minute budget")
+    (root / "timings.json").write_text(json.dumps(record, indent=2))
     return root
+
+
+def budget_stage(budget: BudgetSpec, cfg, stage: str, left: list[str], wall_left_s: float, overheads: list[float],
+                 log: Callable[[str], None]) -> float:
+    """Cap ``cfg.max_minutes`` at the stage's part of the pipeline budget; returns the part."""
+    overhead = sum(overheads) / len(overheads) if overheads else budget.overhead
+    minutes = allot_minutes(budget, stage, left, wall_left_s, min(overhead, 0.9))
+    own = cfg.max_minutes
+    if not own or minutes < own:
+        cfg.max_minutes = minutes
+    log(f"  budget: {cfg.max_minutes:g} min of training for {stage} ({wall_left_s / 60:.1f} min of the pipeline "
+        f"budget left for {', '.join(left)}; expected {overhead:.0%} outside the loop)")
+    return cfg.max_minutes
+
+
+def outside_loop_share(folder: Path, wall_s: float) -> float:
+    """Share of a finished training stage's wall time spent outside its loop's steps
+    (loading, evaluations, saving), from its summary's ``train_time_s``."""
+    try:
+        train = float(json.loads((folder / "summary.json").read_text(encoding="utf-8")).get("train_time_s", 0))
+    except (OSError, ValueError, TypeError):
+        return 0.3
+    return min(0.9, max(0.0, 1 - train / wall_s)) if wall_s > 0 else 0.3
 
 
 def final_policy(root: Path) -> Path | None:
@@ -449,9 +538,38 @@ def run_eval_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> No
         max_checkpoints=e.max_checkpoints, judge_url=e.judge_url, judge_model=e.judge_model, gold=gold, log=log)
     if "arith" in e.tasks:
         run_arith_task(recipe, root, runs, log)
+    if e.chat_defaults and prompts is not None:
+        pick_chat_defaults(recipe, root, result, str(prompts), gold if gold != "judge" else None, rm, log)
     stages = {("gold-rm" if s == "gold" else s): str(root / s) for s in TRAINED if (root / s).is_dir()}
     write_report(root, stages, result)
     (root / "eval" / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+
+
+def pick_chat_defaults(recipe: Recipe, root: Path, result, prompts: str, gold: str | None, rm: str | None,
+                       log: Callable[[str], None]) -> Path | None:
+    """Measure the chat settings of the model the pipeline recommends (the best checkpoint,
+    else the final policy) on held-out prompts, judged by the gold judge (else the proxy
+    RM), and record them in its run folder (:mod:`chatforge.eval.chat_defaults`), where
+    ``chatforge chat`` / ``serve`` read them."""
+    from chatforge.chat.session import run_template
+    from chatforge.eval.chat_defaults import choose_chat_defaults, write
+    from chatforge.eval.evaluate import EvalSettings, load_eval_data
+
+    best = result.best.get("overall")
+    rows = {r["label"]: r for r in result.rows}
+    target = rows[best].get("chat") if best in rows else None
+    target = target or (str(final_policy(root)) if final_policy(root) else None)
+    if target is None or not Path(target).is_dir():
+        return None
+    e = recipe.eval
+    msgs, _ = load_eval_data(prompts, None, EvalSettings(max_prompts=e.chat_defaults_prompts))
+    judge = gold or rm
+    log(f"  chat defaults for {target}: {len(msgs)} held-out prompts, judged by {judge or 'no judge'}")
+    rec = choose_chat_defaults(target, msgs, run_template(target), judge, e.max_new_tokens, e.seed, log=log)
+    path = write(rec, target)
+    write(rec, root / "eval")
+    log(f"  -> {path}")
+    return path
 
 
 def run_arith_task(recipe: Recipe, root: Path, runs: list[str], log: Callable[[str], None]) -> None:

@@ -33,6 +33,10 @@ from typing import Any, Callable, Iterable
 
 from chatforge.errors import ConfigError
 
+# The sampling settings measured best for a run's model (chatforge.eval.chat_defaults), which
+# `chatforge chat RUN` and `chatforge serve RUN` start from.
+CHAT_DEFAULTS_FILE = "chat_defaults.json"
+
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process (and waited-for children) in MiB."""

@@ -57,6 +57,33 @@ def run_template(model: str) -> str:
     return "auto"
 
 
+def run_sampling_defaults(model: str) -> dict | None:
+    """The sampling settings measured for a run's model (``chat_defaults.json`` in the run
+    folder, written by the pipeline's evaluation: :mod:`chatforge.eval.chat_defaults`), as
+    ``{"temperature", "top_p", "repetition_penalty", "max_tokens", "source"}``; None when the
+    model has none (then the chat's own defaults apply). Checkpoint and ``model/`` folders
+    look in their run folder too."""
+    from chatforge.runs import CHAT_DEFAULTS_FILE
+
+    p = Path(model).expanduser()
+    if not p.is_dir():
+        return None
+    for d in (p, p.parent, p.parent.parent):
+        f = d / CHAT_DEFAULTS_FILE
+        if f.is_file():
+            try:
+                rec = json.loads(f.read_text(encoding="utf-8"))
+                s = rec["settings"]
+                out = {k: s[k] for k in ("temperature", "top_p", "repetition_penalty", "max_tokens") if k in s}
+                SamplingConfig(**{SETTINGS.get(k, k): v for k, v in out.items()})  # must be valid settings
+            except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
+                raise ConfigError(f"{f}: not a chat defaults file ({e}); delete it to use the chat's defaults") from None
+            return {**out, "source": str(f)}
+        if (d / "config.yaml").is_file():  # the run folder itself, without a file
+            return None
+    return None
+
+
 def load_engine(model: str, dtype: str = "auto", template: str | None = None) -> Engine:
     """Load a model by name (smollm2, tiny, run folder, HF dir, adapter, .gguf) for chatting.
 

@@ -1,0 +1,42 @@
+"""Chat defaults chosen from measurements (eval/chat_defaults.py) and read back by the chat."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatforge.chat.session import run_sampling_defaults
+from chatforge.errors import ConfigError
+from chatforge.eval.chat_defaults import choose
+
+
+def _row(score, loops, no_eos):
+    return {"settings": {}, "score": score, "loop_rate": loops, "no_eos_rate": no_eos}
+
+
+def test_a_higher_score_never_buys_more_degeneration():
+    rows = [_row(1.0, 0.0, 0.0), _row(3.0, 0.5, 0.0), _row(2.0, 0.05, 0.1), _row(2.5, 0.0, 0.4)]
+    # row 1 (loops 50 %) and row 3 (cut off 40 %) score higher but degenerate: row 2 is within slack of both bests
+    assert choose(rows, slack=0.1) == 2
+    assert choose(rows, slack=1.0) == 1  # no degeneration guard: the score alone
+    # no judge: least degeneration, ties to the earlier candidate
+    assert choose([_row(None, 0.2, 0.0), _row(None, 0.0, 0.1), _row(None, 0.1, 0.0)]) == 1
+
+
+def test_run_defaults_are_found_from_the_run_its_checkpoints_and_model_folder(tmp_path):
+    run = tmp_path / "ppo"
+    (run / "model").mkdir(parents=True)
+    (run / "checkpoints" / "step-4").mkdir(parents=True)
+    (run / "config.yaml").write_text("template: chatml\n")
+    assert run_sampling_defaults(str(run)) is None
+    rec = {"settings": {"temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.1, "max_tokens": 512}}
+    (run / "chat_defaults.json").write_text(json.dumps(rec))
+    for where in (run, run / "model", run / "checkpoints" / "step-4"):
+        got = run_sampling_defaults(str(where))
+        assert got["temperature"] == 0.3 and got["repetition_penalty"] == 1.1 and got["source"].endswith(
+            "chat_defaults.json")
+    (run / "chat_defaults.json").write_text(json.dumps({"settings": {"temperature": -1}}))
+    with pytest.raises(ConfigError, match="chat_defaults.json"):
+        run_sampling_defaults(str(run))
+    assert run_sampling_defaults("smollm2") is None
