@@ -86,6 +86,11 @@ def dry_run(recipe, only) -> int:
     for name, cfg in configs.items():
         extra = f", algo {cfg.algo}, rewards {', '.join(cfg.rewards)}" if name == "ppo" else ""
         print(f"  {name}: model {cfg.model}{extra}, max_steps {cfg.max_steps}, max_minutes {cfg.max_minutes}")
+    if recipe.budget.minutes:
+        b = recipe.budget
+        parts = ", ".join(f"{s} {b.weight(s):g}" for s in stages)
+        print(f"  budget: {b.minutes:g} min wall for the whole pipeline, divided by weight ({parts}) among the "
+              f"stages still to run; each training stage's max_minutes is capped at its part")
     if "eval" in stages and recipe.eval.tasks:
         t = recipe.eval.arith
         arith = f" (arith: {', '.join(t.tiers)}, n {t.n}, {t.max_new_tokens} tokens)" if "arith" in recipe.eval.tasks else ""
