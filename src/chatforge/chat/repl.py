@@ -1,10 +1,11 @@
-"""The terminal chat: ``chatforge chat MODEL``.
+"""The terminal chat: ``chatforge chat MODEL`` (or ``--url URL``: any OpenAI-compatible server).
 
 Interactive (stdin is a terminal): a ``>>>`` prompt with line editing, replies streamed as
 they are generated, slash commands (``/help``), Ctrl-C stops the current reply (the
 session goes on), Ctrl-D quits. Non-interactive (stdin is a pipe or file, or ``--message``):
 each line (each ``--message``) is one user message and each reply is printed on its own,
-so scripts can drive it; slash commands work there too.
+so scripts can drive it; slash commands work there too. The session is a local
+:class:`~chatforge.chat.session.ChatSession` or a :class:`~chatforge.chat.remote.RemoteSession`.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ commands:
 
 
 class Repl:
-    def __init__(self, session: ChatSession, out: TextIO = sys.stdout, interactive: bool = True,
+    def __init__(self, session: ChatSession, out: TextIO | None = None, interactive: bool = True,
                  info: TextIO | None = None):
         self.session = session
-        self.out = out  # replies
-        self.info = info or (out if interactive else sys.stderr)  # everything else: scripts get replies only
+        self.out = out or sys.stdout  # replies (looked up now, not at import: redirect_stdout works)
+        self.info = info or (self.out if interactive else sys.stderr)  # everything else: scripts get replies only
         self.interactive = interactive
 
     def say(self, text: str, stream: TextIO | None = None) -> None:
@@ -87,7 +88,8 @@ class Repl:
                  f"max_tokens={c.max_new_tokens}", f"repetition_penalty={c.repetition_penalty}",
                  f"no_repeat_ngram_size={c.no_repeat_ngram_size}", f"seed={c.seed}", f"beams={c.num_beams}",
                  f"length_penalty={c.length_penalty}"]
-        return " ".join(parts)
+        skip = getattr(self.session, "unsupported_settings", ())  # what a remote server cannot do
+        return " ".join(p for p in parts if p.split("=")[0] not in skip)
 
     # ---------------------------------------------------------------- one reply
     def reply(self, text: str) -> None:
@@ -101,6 +103,8 @@ class Repl:
                 self.out.write(delta)
                 self.out.flush()
         except ChatforgeError as e:
+            if shown:
+                self.say("", self.out)  # end the partial reply's line
             self.say(f"error: {e}")
             return
         except KeyboardInterrupt:
@@ -131,6 +135,8 @@ class Repl:
         except ImportError:
             pass
         self.say("chatforge chat -- /help for commands, Ctrl-C stops a reply, Ctrl-D quits")
+        if getattr(self.session, "banner", None):
+            self.say(self.session.banner)
         while True:
             try:
                 line = input(">>> ")

@@ -4,6 +4,7 @@
     chatforge chat runs/ppo --persona pirate.yaml --temperature 0.8
     echo "What is 2 + 2?" | chatforge chat runs/sft --temperature 0
     chatforge chat tiny --message "Hi" --message "And then?"
+    chatforge chat --url http://127.0.0.1:8000/v1 --api-key KEY    # any OpenAI-compatible server
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ from __future__ import annotations
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat with a model in the terminal (streams, /help for commands)",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("model", nargs="?", default="smollm2",
+    p.add_argument("model", nargs="?",
                    help="smollm2 (default), tiny, a run folder, an HF model dir, an adapter dir or a .gguf")
+    p.add_argument("--url", help="talk to an OpenAI-compatible server instead (chatforge serve, llama.cpp, a "
+                                 "hosted API), e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", metavar="KEY", help="with --url: the server's API key "
+                                                    "(default: $CHATFORGE_API_KEY, else $OPENAI_API_KEY)")
+    p.add_argument("--model", dest="remote_model", metavar="NAME",
+                   help="with --url: the model to ask for (default: the first one /v1/models lists)")
     p.add_argument("--system", metavar="TEXT", help="system prompt (the assistant's context / persona)")
     p.add_argument("--persona", metavar="FILE", help="persona file: plain text, or YAML with name/description")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
@@ -36,8 +43,9 @@ def add_parser(subparsers) -> None:
 
 
 def build_session(args):
-    """Validate the options (before loading anything), then load the model."""
+    """Validate the options (before loading anything), then load the model (or connect to ``--url``)."""
     from chatforge.chat.session import ChatSession, load_engine, persona_prompt
+    from chatforge.errors import ConfigError
     from chatforge.generate.sampling import SamplingConfig
 
     cfg = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
@@ -47,10 +55,24 @@ def build_session(args):
     parts = [persona_prompt(args.persona)] if args.persona else []
     if args.system:
         parts.append(args.system)
+    system = "\n\n".join(parts) or None
+    if args.url:
+        from chatforge.chat.remote import RemoteSession, api_key_from_env
+
+        if args.model:
+            raise ConfigError(f"--url: name the server's model with --model {args.model} (MODEL is for local chat)")
+        for flag, value in (("--template", args.template), ("--dtype", None if args.dtype == "auto" else args.dtype)):
+            if value:
+                raise ConfigError(f"{flag}: the server decides this; not available with --url")
+        return RemoteSession(args.url, args.api_key or api_key_from_env(), args.remote_model, system=system, cfg=cfg)
+    for flag, value in (("--api-key", args.api_key), ("--model", args.remote_model)):
+        if value:
+            raise ConfigError(f"{flag} goes with --url (a local model is the positional MODEL)")
     from chatforge.models.load import check_model_exists
 
-    check_model_exists(args.model)
-    return ChatSession(load_engine(args.model, args.dtype, args.template), system="\n\n".join(parts) or None, cfg=cfg)
+    model = args.model or "smollm2"
+    check_model_exists(model)
+    return ChatSession(load_engine(model, args.dtype, args.template), system=system, cfg=cfg)
 
 
 def run(args) -> int:

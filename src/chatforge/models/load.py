@@ -147,7 +147,13 @@ def check_model_exists(name: str) -> None:
 
 
 def fast_bf16_cpu() -> bool:
-    """True when this CPU has native bf16 matmul (AMX or AVX512-BF16): ~3x fp32 here."""
+    """True when this CPU has native bf16 matmul (AMX or AVX512-BF16): ~3x fp32 here.
+
+    ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``), PyTorch's own switch that keeps it off
+    AVX-512, also means no native bf16 here: that is how a run reproduces, on an AVX-512
+    machine, the choices chatforge makes on an AVX2-only CPU."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
