@@ -40,3 +40,32 @@ def test_run_defaults_are_found_from_the_run_its_checkpoints_and_model_folder(tm
     with pytest.raises(ConfigError, match="chat_defaults.json"):
         run_sampling_defaults(str(run))
     assert run_sampling_defaults("smollm2") is None
+
+
+def test_chat_starts_from_the_runs_measured_settings_and_flags_win(tmp_path, monkeypatch):
+    import argparse
+
+    from chatforge.commands import chat as chat_cmd
+
+    run = tmp_path / "ppo"
+    run.mkdir()
+    (run / "config.yaml").write_text("template: chatml\n")
+    (run / "chat_defaults.json").write_text(json.dumps(
+        {"settings": {"temperature": 0.3, "top_p": 0.8, "repetition_penalty": 1.1, "max_tokens": 512}}))
+    made = {}
+
+    class FakeSession:
+        def __init__(self, engine, system=None, cfg=None):
+            made["cfg"] = cfg
+
+    monkeypatch.setattr("chatforge.chat.session.ChatSession", FakeSession)
+    monkeypatch.setattr("chatforge.chat.session.load_engine", lambda *a, **k: None)
+    monkeypatch.setattr("chatforge.models.load.check_model_exists", lambda m: None)
+    p = argparse.ArgumentParser()
+    chat_cmd.add_parser(p.add_subparsers())
+    chat_cmd.build_session(p.parse_args(["chat", str(run)]))
+    assert (made["cfg"].temperature, made["cfg"].top_p, made["cfg"].repetition_penalty) == (0.3, 0.8, 1.1)
+    chat_cmd.build_session(p.parse_args(["chat", str(run), "--temperature", "0"]))
+    assert made["cfg"].temperature == 0 and made["cfg"].repetition_penalty == 1.1
+    chat_cmd.build_session(p.parse_args(["chat", str(tmp_path / "nothing-here")]))
+    assert (made["cfg"].temperature, made["cfg"].top_p, made["cfg"].repetition_penalty) == (0.7, 0.9, 1.0)

@@ -520,6 +520,7 @@ def test_judge_speaks_to_our_own_server():
     from chatforge.chat.server import make_server
     from chatforge.eval.judge import SYSTEM, Judge
     from chatforge.generate.engine import Engine
+    from chatforge.generate.scheduler import Scheduler
     from chatforge.models.tiny import steer, tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -527,22 +528,16 @@ def test_judge_speaks_to_our_own_server():
     never = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     seen: list[tuple[str, object]] = []
 
-    class Recording(Engine):
-        def generate(self, prompts, cfg, *a, **k):
-            seen.extend((self.tokenizer.decode(p), cfg) for p in prompts)
-            return super().generate(prompts, cfg, *a, **k)
+    class Recording(Scheduler):  # every request the server decodes goes through submit
+        def submit(self, prompt, cfg):
+            seen.append((tok.decode(prompt), cfg))
+            return super().submit(prompt, cfg)
 
-    eng = Recording(steer(tiny_model(), prefer=[say_a], never=never).eval(), tok)
-    srv = make_server(eng, "tiny", port=0, default_max_tokens=16)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        j = Judge(f"http://127.0.0.1:{srv.server_address[1]}/v1", "tiny", timeout=60, retries=0)
+    eng = Engine(steer(tiny_model(), prefer=[say_a], never=never).eval(), tok)
+    with Recording(eng) as sched, make_server(eng, "tiny", default_max_tokens=16, scheduler=sched) as srv:
+        j = Judge(srv.url + "/v1", "tiny", timeout=60, retries=0)
         assert j.compare("What colour is the sky?", "It is blue.", "It is green.") == (0.5, ["A", "A"])
         assert j.calls == 2
-    finally:
-        srv.shutdown()
-        srv.server_close()
     assert len(seen) == 2
     for (text, cfg), (a, b) in zip(seen, [("It is blue.", "It is green."), ("It is green.", "It is blue.")]):
         assert text.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>") and "What colour is the sky?" in text

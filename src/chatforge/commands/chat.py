@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat with a model in the terminal (streams, /help for commands)",
@@ -23,11 +25,12 @@ def add_parser(subparsers) -> None:
                    help="with --url: the model to ask for (default: the first one /v1/models lists)")
     p.add_argument("--system", metavar="TEXT", help="system prompt (the assistant's context / persona)")
     p.add_argument("--persona", metavar="FILE", help="persona file: plain text, or YAML with name/description")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the run's measured chat defaults, "
+                                                     "chat_defaults.json, else 0.7)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (default: the run's, else 0.9)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
     p.add_argument("--min-p", type=float, default=0.0, help="0 = off (default)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (default: the run's, else 1)")
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
     p.add_argument("--stop", action="append", default=[], metavar="WORD", help="stop a reply at WORD (repeatable)")
     p.add_argument("--seed", type=int, help="sampling seed (reproducible replies)")
@@ -44,12 +47,20 @@ def add_parser(subparsers) -> None:
 
 def build_session(args):
     """Validate the options (before loading anything), then load the model (or connect to ``--url``)."""
-    from chatforge.chat.session import ChatSession, load_engine, persona_prompt
+    from chatforge.chat.session import ChatSession, load_engine, persona_prompt, run_sampling_defaults
     from chatforge.errors import ConfigError
     from chatforge.generate.sampling import SamplingConfig
 
-    cfg = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_tokens,
+    measured = None if args.url else run_sampling_defaults(args.model or "smollm2")
+    chosen = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.0}
+    for k in chosen:  # an explicit flag wins, then the run's measured settings, then the chat's own defaults
+        flag = getattr(args, k)
+        chosen[k] = flag if flag is not None else measured[k] if measured and k in measured else chosen[k]
+    if measured and any(getattr(args, k) is None for k in chosen if k in measured):
+        print(f"sampling: temperature {chosen['temperature']:g}, top_p {chosen['top_p']:g}, repetition_penalty "
+              f"{chosen['repetition_penalty']:g} (measured for this model: {measured['source']})", file=sys.stderr)
+    cfg = SamplingConfig(temperature=chosen["temperature"], top_p=chosen["top_p"], top_k=args.top_k, min_p=args.min_p,
+                         repetition_penalty=chosen["repetition_penalty"], max_new_tokens=args.max_tokens,
                          stop=list(args.stop), seed=args.seed, num_beams=args.beams,
                          length_penalty=args.length_penalty)
     parts = [persona_prompt(args.persona)] if args.persona else []

@@ -19,12 +19,21 @@ updates are seen at once) and replaces only the per-token step:
 
 The prompt (prefill) goes through the model's own forward (PEFT wrapper included); its KV
 cache is copied into the static one.
+
+The continuous-batching scheduler (:mod:`chatforge.generate.scheduler`) keeps one cache
+running while requests come and go: :meth:`FastLlamaDecoder.prefill_rows` runs newcomers'
+prompts without touching the running cache, :meth:`~FastLlamaDecoder.add_rows` appends them
+right-aligned (each prompt ends at the shared column, its positions its own), and
+:meth:`~FastLlamaDecoder.compact` drops the columns no row uses when the shared column
+reaches the end. A row's attention reads only its own valid columns, in order, so where its
+columns sit in the cache does not change its result.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +121,16 @@ def kernels_pay_off(kernels, weights: list[torch.Tensor], batch: int, tries: int
     return _PAYS_OFF[key]
 
 
+@dataclass
+class PrefilledRows:
+    """New prompts after the model's forward, before they join a running cache."""
+
+    keys: list[torch.Tensor]  # per layer [k, kv_heads, L, head_dim] (rotated, as the cache holds them)
+    values: list[torch.Tensor]  # per layer [k, kv_heads, L, head_dim]
+    mask: torch.Tensor  # [k, L] 1 on prompt tokens, 0 on the left padding
+    next_pos: torch.Tensor  # [k] the position of each row's next token (its prompt length)
+
+
 class FastLlamaDecoder:
     def __init__(self, model, use_kernels: bool | str = "auto"):
         """``use_kernels``: True always runs the C kernels when they compiled and fit the
@@ -134,6 +153,9 @@ class FastLlamaDecoder:
         self._use_kernels = self._kernels_ok = False
         self._matvec_c = True  # the projections through the C kernels too (else F.linear), see prefill
         self._fused = None
+        self.valid: torch.Tensor | None = None  # no running batch yet
+        self.length = 0
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _linear(self, x: torch.Tensor, module, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``residual + module(x)``; a LoRA layer adds its active adapters as ``peft`` does
@@ -162,33 +184,55 @@ class FastLlamaDecoder:
 
     # -------------------------------------------------------------- prefill
     def prefill(self, prompts: list[list[int]], pad_id: int, max_new: int) -> torch.Tensor:
-        ids, mask = left_pad(prompts, pad_id, self.device)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        B, L = ids.shape
+        logits, new = self.prefill_rows(prompts, pad_id)
+        B, L = new.mask.shape
         T = L + max_new
         self.k, self.v = [], []
-        for layer in cache_of(out).layers:
-            k = layer.keys.new_empty((B, self.n_kv, T, self.head_dim))
-            v = layer.values.new_empty((B, self.n_kv, T, self.head_dim))
-            k[:, :, :L] = layer.keys
-            v[:, :, :L] = layer.values
+        for keys, values in zip(new.keys, new.values):
+            k = keys.new_empty((B, self.n_kv, T, self.head_dim))
+            v = values.new_empty((B, self.n_kv, T, self.head_dim))
+            k[:, :, :L] = keys
+            v[:, :, :L] = values
             self.k.append(k)
             self.v.append(v)
         self.valid = torch.zeros((B, 1, 1, T), dtype=torch.bool, device=self.device)
-        self.valid[:, 0, 0, :L] = mask.bool()
+        self.valid[:, 0, 0, :L] = new.mask.bool()
         self.length = L  # filled cache columns
-        self.next_pos = positions[:, -1] + 1
-        dtype = self.k[0].dtype
+        self.next_pos = new.next_pos
         # cos/sin of every position decoding can reach, once (the same elementwise computation
         # as per step); rope types that rescale with the sequence length stay per step
+        self.rope = None
+        self._rope_upto(int(self.next_pos.max()) + max_new + 1)
+        self._setup_kernels(B)
+        return logits
+
+    def prefill_rows(self, prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, PrefilledRows]:
+        """Run new prompts (left-padded) through the model's own forward: ``[k, V]`` logits of
+        their next tokens and their KV, not yet part of the running cache (see :meth:`add_rows`)."""
+        ids, mask = left_pad(prompts, pad_id, self.device)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        layers = cache_of(out).layers
+        new = PrefilledRows([layer.keys for layer in layers], [layer.values for layer in layers], mask,
+                            positions[:, -1] + 1)
+        return out.logits[:, -1], new
+
+    def _rope_upto(self, n: int) -> None:
+        """The cos/sin table of positions ``[0, n)``, kept when the current one covers them
+        (rows of one table are the same bits whatever its length: one multiply per entry)."""
         rotary = self.base.model.rotary_emb
         if any(k in str(getattr(rotary, "rope_type", "default")) for k in ("dynamic", "longrope")):
             self.rope = None
-        else:
-            pos = torch.arange(int(self.next_pos.max()) + max_new + 1, device=self.device)[None]
-            cos, sin = rotary(layer.keys, pos)
-            self.rope = (cos[0], sin[0])
+            return
+        if self.rope is not None and self.rope[0].shape[0] >= n and self.rope[0].dtype == self.k[0].dtype:
+            return
+        cos, sin = rotary(self.k[0], torch.arange(n, device=self.device)[None])
+        self.rope = (cos[0], sin[0])
+
+    def _setup_kernels(self, batch: int) -> None:
+        """Which step path runs (C glue, C or PyTorch matrix products, one fused call), for the
+        model's current weights and dtype; ``batch``: the batch size the choice is measured at."""
+        dtype = self.k[0].dtype
         self._kernels_ok = self.kernels is not None and dtype in self.kernels.DTYPES and all(
             p.dtype == dtype and p.device.type == "cpu" and p.is_contiguous()
             for n, p in self.base.named_parameters() if "lora_" not in n)
@@ -198,14 +242,90 @@ class FastLlamaDecoder:
         if self._kernels_ok and self.calibrate:
             dense = [m.weight for n, m in self.base.named_modules()
                      if isinstance(m, torch.nn.Linear) and "lora_" not in n and self.kernels.supports(m.weight)]
-            self._matvec_c = bool(dense) and kernels_pay_off(self.kernels, dense, B)
+            self._matvec_c = bool(dense) and kernels_pay_off(self.kernels, dense, batch)
         # no adapter in the layers: all of them in one C call (same kernels, same order, same bits)
         plain = self.base is self.model and all(not hasattr(m, "base_layer") for m in self.base.modules())
         fused = self._kernels_ok and self._matvec_c and plain
         self._fused = self.kernels.layer_pointers(self.base.model.layers) if fused else None
         self._buffers: dict[str, torch.Tensor] = {}
         self._kv_ptrs: tuple = (None,)
-        return out.logits[:, -1]
+
+    # -------------------------------------------------------------- a changing batch (the scheduler)
+    @property
+    def rows(self) -> int:
+        """Rows in the running cache (0 before the first prefill and after :meth:`clear`)."""
+        return 0 if self.valid is None else self.valid.shape[0]
+
+    @property
+    def width(self) -> int:
+        """Allocated cache columns per row (``self.length`` of them filled)."""
+        return 0 if self.valid is None else self.valid.shape[-1]
+
+    def add_rows(self, new: PrefilledRows, max_width: int, max_position: int, min_room: int = 32) -> None:
+        """Append prefilled rows to the running batch (or start one), right-aligned so that each
+        new prompt ends at the last filled column; the existing rows keep their order (first).
+        ``max_width`` caps the columns allocated per row (see :meth:`_relayout`);
+        ``max_position``: the largest position any row may reach, for the rotary table."""
+        self._relayout(new, max_width, min_room)
+        self._rope_upto(max_position + 1)
+        # measured at the next power of two: at most log2(max batch) timings per process
+        self._setup_kernels(1 << (self.rows - 1).bit_length())
+
+    def compact(self, max_width: int, min_room: int = 32) -> None:
+        """Drop the leading columns no row uses and make room for more steps (at most
+        ``max_width`` columns): call when ``length == width``."""
+        self._relayout(None, max_width, min_room)
+
+    def clear(self) -> None:
+        """Forget the running batch (frees the cache)."""
+        self.k, self.v, self.valid, self.length = [], [], None, 0
+        self._kv_ptrs = (None,)
+
+    def _relayout(self, new: PrefilledRows | None, max_width: int, min_room: int) -> None:
+        """Copy the used columns of the running rows, and ``new``'s prompts, into fresh caches.
+
+        Every row's valid columns end at the shared column, so the columns before the first one
+        any row uses are dead: they are dropped. The filled width becomes ``used`` = the longest
+        row (or new prompt); ``min(max_width, used + max(min_room, used // 2))`` columns are
+        allocated, so compactions get rarer as rows grow (amortised O(1) copies per step). The
+        caller passes ``max_width`` = the largest prompt + max_new_tokens among the rows: no row
+        can ever need more, so the cache never exceeds rows x that. Fresh caches are zeroed: an
+        invalid column is masked, but a NaN in uninitialised memory would still poison SDPA.
+        """
+        old = self.rows
+        first = self.length
+        if old:
+            used_cols = self.valid[:, 0, 0, :self.length].any(0)
+            first = int(used_cols.to(torch.int8).argmax()) if bool(used_cols.any()) else self.length
+        u = self.length - first
+        L = new.mask.shape[1] if new is not None else 0
+        col = max(u, L)
+        width = min(max_width, col + max(min_room, col // 2))
+        if width <= col:
+            raise RuntimeError(f"KV cache layout: {col} columns used, {max_width} allowed: no room for a step")
+        B = old + (new.mask.shape[0] if new is not None else 0)
+        like = self.k[0] if old else new.keys[0]
+        ks, vs = [], []
+        for i in range(len(self.k) if old else len(new.keys)):
+            k = like.new_zeros((B, self.n_kv, width, self.head_dim))
+            v = like.new_zeros((B, self.n_kv, width, self.head_dim))
+            if old:
+                k[:old, :, col - u:col] = self.k[i][:, :, first:self.length]
+                v[:old, :, col - u:col] = self.v[i][:, :, first:self.length]
+            if new is not None:
+                k[old:, :, col - L:col] = new.keys[i]
+                v[old:, :, col - L:col] = new.values[i]
+            ks.append(k)
+            vs.append(v)
+        valid = torch.zeros((B, 1, 1, width), dtype=torch.bool, device=self.device)
+        pos = []
+        if old:
+            valid[:old, :, :, col - u:col] = self.valid[:, :, :, first:self.length]
+            pos.append(self.next_pos)
+        if new is not None:
+            valid[old:, 0, 0, col - L:col] = new.mask.bool()
+            pos.append(new.next_pos)
+        self.k, self.v, self.valid, self.length, self.next_pos = ks, vs, valid, col, torch.cat(pos)
 
     # -------------------------------------------------------------- one token
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
