@@ -6,9 +6,10 @@ requests are decoded one at a time (the ``n`` choices of one request as one batc
 clients are connected. This is that code (``git show ada8d66:src/chatforge/chat/server.py`` and
 ``.../commands/serve.py``), trimmed to what the bench uses: ``GET /v1/models``, ``GET /health``
 and streamed ``POST /v1/chat/completions`` (server-sent events, ``stream_options.include_usage``).
-Dropped: non-streamed replies, logprobs, the ``/v1/models/{id}`` route. The request parsing,
-the lock, the engine call and the event stream are as they were; it is not part of chatforge's
-API and nothing in ``src/`` imports it.
+Dropped: non-streamed replies, logprobs, the ``/v1/models/{id}`` route. The request parsing
+(``messages`` through :func:`chatforge.chat.api.parse_messages`, the same rules), the lock, the
+engine call and the event stream are as they were; it is not part of chatforge's API and nothing
+in ``src/`` imports it.
 
     .venv/bin/python bench/serial_server.py smollm2 --port 8001     # then point an OpenAI client at /v1
 """
@@ -23,6 +24,8 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from chatforge.chat.api import ApiError as BadRequest  # the same 400s as chatforge serve
+from chatforge.chat.api import parse_messages
 from chatforge.errors import ChatforgeError
 from chatforge.generate.engine import Engine, SamplingConfig
 
@@ -35,12 +38,6 @@ ACCEPTED = {"model", "messages", "temperature", "top_p", "max_tokens", "max_comp
             *IGNORED_IF_DEFAULT}
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.param, self.status = param, status
-
-
 def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool = False):
     v = body.get(key, default)
     if v is None:
@@ -50,28 +47,6 @@ def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool =
         kind = "an integer" if integer else "a number"
         raise BadRequest(f"'{key}' must be {kind} between {lo} and {hi}, got {v!r}", key)
     return v
-
-
-def parse_messages(body: dict) -> list[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise BadRequest(f"messages[{i}]: 'role' must be system, user or assistant", f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise BadRequest(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
-            content = "".join(p["text"] for p in content)
-        if content is None and m["role"] == "assistant":
-            content = ""
-        if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-    return out
 
 
 def parse_request(body, default_max_tokens: int) -> tuple[list[dict], SamplingConfig, int, bool]:

@@ -16,20 +16,10 @@ import torch
 from chatforge.chat.session import ChatSession, fit_history, parse_settings, persona_prompt
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.generate.engine import Engine, SamplingConfig
-from chatforge.models.tiny import steer, tiny_model, tiny_tokenizer, word_token_ids
+from chatforge.models.tiny import chatty_tiny, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CHATFORGE = [sys.executable, "-m", "chatforge.cli"]
-
-
-def chatty_tiny():
-    """The tiny model, steered (:func:`chatforge.models.tiny.steer`) so that every reply is made of
-    letter tokens and never ends: the end-of-turn tokens lose by ~80 logits, the letters win by
-    ~40, on any CPU and in fp32 or bf16. Replies run to max_tokens and are never blank, so the
-    tests below check the REPL's behaviour, not what a random model happens to print."""
-    model, tok = tiny_model(), tiny_tokenizer()
-    never = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
-    return steer(model, prefer=word_token_ids(tok), never=never).eval(), tok
 
 
 WORDS = re.compile(r"( ?[A-Za-z]+)+")

@@ -302,15 +302,11 @@ def test_against_the_real_server():
     """The client against ``chatforge serve`` itself (FastAPI, on a thread) with the tiny model
     steered to write letters and never stop: two turns stream, the context length it reports is
     used for fitting, a wrong key is a one-line 401."""
-    server = pytest.importorskip("chatforge.chat.server")
-    if not hasattr(server, "RunningServer"):
-        pytest.skip("chatforge.chat.server is not the FastAPI server yet")
+    from chatforge.chat import server
     from chatforge.generate.engine import Engine
-    from chatforge.models.tiny import steer, tiny_model, tiny_tokenizer, word_token_ids
+    from chatforge.models.tiny import chatty_tiny
 
-    model, tok = tiny_model(), tiny_tokenizer()
-    never = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
-    engine = Engine(steer(model, prefer=word_token_ids(tok), never=never).eval(), tok)
+    engine = Engine(*chatty_tiny())
     with server.make_server(engine, "tiny-chat", port=0, api_key="sekrit") as srv:
         with pytest.raises(ChatforgeError, match="HTTP 401"):
             RemoteSession(srv.url, api_key="wrong")

@@ -13,20 +13,9 @@ import torch
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.generate.engine import Engine, SamplingConfig
 from chatforge.generate.text import Detokenizer, TextTracker, partial_stop_len
-from chatforge.models.tiny import tiny_model, tiny_tokenizer
+from chatforge.models.tiny import spicy_tiny, tiny_model, tiny_tokenizer
 
 EOS = 2  # <|im_end|> of the tiny tokenizer (its generation_config eos)
-
-
-def spicy_tiny(std: float = 0.2, seed: int = 0):
-    """The tiny Llama with N(0, std) matrices: random but decisive logits."""
-    model = tiny_model()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

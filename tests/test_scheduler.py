@@ -24,7 +24,7 @@ from chatforge.generate.scheduler import (
     Scheduler,
     SchedulerClosed,
 )
-from chatforge.models.tiny import steer, tiny_model, tiny_tokenizer, word_token_ids
+from chatforge.models.tiny import spicy_tiny, steer, tiny_model, tiny_tokenizer, word_token_ids
 
 pytestmark = pytest.mark.timeout(120)  # a scheduler bug must fail, not hang the suite
 
@@ -36,17 +36,6 @@ TEXTS = ["The sky is blue. What colour is the grass?", "Hello", "Give three tips
          "apple banana cherry", "Monday Tuesday", "What is 3 * 7?", "Translate the sentence into French.",
          "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog again.",
          "hot cold", "Write a short poem about the sea.", "Sorry, I cannot help with that."]
-
-
-def spicy_tiny(std: float = 0.2, seed: int = 0):
-    """The tiny Llama with N(0, std) matrices: random but decisive logits (as in test_engine)."""
-    model = tiny_model()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -354,15 +354,11 @@ def real_server():
     """``chatforge serve`` (FastAPI + uvicorn, on a thread) with the tiny model steered to write
     letters and never end (:func:`chatforge.models.tiny.steer`): replies are printable and run to
     max_tokens, so what is checked is the page against the real server, not what the model says."""
-    server = pytest.importorskip("chatforge.chat.server")
-    if not hasattr(server, "RunningServer"):
-        pytest.skip("chatforge.chat.server is not the FastAPI server yet")
+    from chatforge.chat import server
     from chatforge.generate.engine import Engine
-    from chatforge.models.tiny import steer, tiny_model, tiny_tokenizer, word_token_ids
+    from chatforge.models.tiny import chatty_tiny
 
-    model, tok = tiny_model(), tiny_tokenizer()
-    never = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
-    engine = Engine(steer(model, prefer=word_token_ids(tok), never=never).eval(), tok)
+    engine = Engine(*chatty_tiny())
     srv = server.make_server(engine, "tiny-chat", port=0, api_key="sekrit")
     yield srv
     srv.close()

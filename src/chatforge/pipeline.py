@@ -467,7 +467,9 @@ def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[s
                 allotted[stage] = budget_stage(budget, cfg, stage, stages[stages.index(stage):],
                                                budget.minutes * 60 - (ts - t0), overheads, log)
             _train(stage, cfg)
-            overheads.append(outside_loop_share(folder, time.time() - ts))
+            share = outside_loop_share(folder, time.time() - ts)
+            if share is not None:
+                overheads.append(share)
         timings[stage] = round(time.time() - ts, 1)
         log(f"[{stage}] finished in {timings[stage]:.0f} s")
     total = round(time.time() - t0, 1)
@@ -493,14 +495,15 @@ def budget_stage(budget: BudgetSpec, cfg, stage: str, left: list[str], wall_left
     return cfg.max_minutes
 
 
-def outside_loop_share(folder: Path, wall_s: float) -> float:
+def outside_loop_share(folder: Path, wall_s: float) -> float | None:
     """Share of a finished training stage's wall time spent outside its loop's steps
-    (loading, evaluations, saving), from its summary's ``train_time_s``."""
+    (loading, evaluations, saving), from its summary's ``train_time_s``; None when unknown
+    (the budget keeps its guess, ``budget.overhead``)."""
     try:
         train = float(json.loads((folder / "summary.json").read_text(encoding="utf-8")).get("train_time_s", 0))
     except (OSError, ValueError, TypeError):
-        return 0.3
-    return min(0.9, max(0.0, 1 - train / wall_s)) if wall_s > 0 else 0.3
+        return None
+    return min(0.9, max(0.0, 1 - train / wall_s)) if wall_s > 0 else None
 
 
 def final_policy(root: Path) -> Path | None:
@@ -558,7 +561,9 @@ def pick_chat_defaults(recipe: Recipe, root: Path, result, prompts: str, gold: s
     best = result.best.get("overall")
     rows = {r["label"]: r for r in result.rows}
     target = rows[best].get("chat") if best in rows else None
-    target = target or (str(final_policy(root)) if final_policy(root) else None)
+    if target is None:
+        final = final_policy(root)
+        target = str(final) if final is not None else None
     if target is None or not Path(target).is_dir():
         return None
     e = recipe.eval

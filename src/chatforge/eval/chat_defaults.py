@@ -28,7 +28,6 @@ from typing import Any, Callable, Sequence
 
 from chatforge import textstats as M
 from chatforge.generate.sampling import SamplingConfig
-
 from chatforge.runs import CHAT_DEFAULTS_FILE as FILE
 
 # What the candidates vary: the two usual chat temperatures, greedy, and a mild repetition

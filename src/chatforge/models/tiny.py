@@ -150,6 +150,28 @@ def steer(model, prefer: Iterable[int] = (), never: Iterable[int] = (), margin: 
     return model
 
 
+def chatty_tiny():
+    """The tiny model and tokenizer, steered (:func:`steer`) so that every reply is made of letter
+    tokens and never ends: the end-of-turn tokens lose by ~80 logits, the letters win by ~40, on
+    any CPU and in fp32 or bf16. Replies run to max_tokens and are never blank, so a test checks
+    the chat / server / page around the model, not what a random model happens to print."""
+    model, tok = tiny_model(), tiny_tokenizer()
+    never = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    return steer(model, prefer=word_token_ids(tok), never=never).eval(), tok
+
+
+def spicy_tiny(std: float = 0.2, seed: int = 0):
+    """The tiny Llama with N(0, std) matrices: random but decisive logits (greedy decoding is
+    not a string of near-ties, so equality tests between decoders mean something)."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
 def tiny_lora_run(path, r: int = 4, std: float = 0.05):
     """A saved LoRA adapter on the tiny model whose update is not zero (an "SFT run" for tests of
     trainers that start from an adapter); returns ``path``."""
