@@ -4,7 +4,9 @@ Four kinds, all plain dataclasses that round-trip through one JSON object per li
 
 * ``Conversation`` -- ``messages`` (OpenAI style) for supervised fine-tuning.
 * ``Preference``  -- a prompt plus a ``chosen`` and a ``rejected`` assistant message.
-* ``Ranking``     -- a prompt plus K >= 2 responses ordered best -> worst.
+* ``Ranking``     -- a prompt plus K >= 2 responses ordered best -> worst; optional ``tiers``
+  (one non-decreasing integer per response, 0 = best) mark ties: responses of equal tier
+  are equally good, and no (better, worse) pair is made between them.
 * ``Prompt``      -- a prompt only, for RL rollouts and evaluation.
 
 ``meta`` carries provenance (``source`` file, ``line``, original ``id``) so an error or a
@@ -85,8 +87,9 @@ class Preference:
 @dataclass
 class Ranking:
     prompt: list[Message]
-    responses: list[Message]  # best -> worst, no ties
+    responses: list[Message]  # best -> worst
     meta: dict[str, Any] = field(default_factory=dict)
+    tiers: list[int] | None = None  # None: a strict order; else one tier per response, 0 = best
     kind: str = field(default="ranking", init=False)
 
     def validate(self) -> "Ranking":
@@ -94,15 +97,29 @@ class Ranking:
         _check_messages(self.responses, "responses")
         if len(self.responses) < 2:
             raise RecordError(f"a ranking needs at least 2 responses, got {len(self.responses)}")
+        if self.tiers is not None:
+            t = self.tiers
+            if (not isinstance(t, list) or len(t) != len(self.responses)
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in t)):
+                raise RecordError(f"tiers must be one non-negative integer per response "
+                                  f"({len(self.responses)}), got {t!r}")
+            if any(b < a for a, b in zip(t, t[1:])):
+                raise RecordError(f"tiers {t} must not decrease: responses are ordered best -> worst")
         return self
 
+    def tier(self, i: int) -> int:
+        """Tier of response ``i`` (its position when the order is strict)."""
+        return i if self.tiers is None else self.tiers[i]
+
+    def ordered_pairs(self) -> list[tuple[int, int]]:
+        """Every (better, worse) index pair the ranking states; tied responses make none."""
+        k = len(self.responses)
+        return [(i, j) for i in range(k) for j in range(i + 1, k) if self.tier(i) < self.tier(j)]
+
     def pairs(self) -> list[Preference]:
-        """All K(K-1)/2 (better, worse) pairs implied by the ranking."""
-        out = []
-        for i in range(len(self.responses)):
-            for j in range(i + 1, len(self.responses)):
-                out.append(Preference(self.prompt, self.responses[i], self.responses[j], dict(self.meta, pair=[i, j])))
-        return out
+        """All (better, worse) pairs implied by the ranking: K(K-1)/2 without ties."""
+        return [Preference(self.prompt, self.responses[i], self.responses[j], dict(self.meta, pair=[i, j]))
+                for i, j in self.ordered_pairs()]
 
 
 @dataclass
@@ -123,7 +140,7 @@ KINDS: dict[str, type] = {"conversation": Conversation, "preference": Preference
 def to_dict(rec: Record) -> dict[str, Any]:
     d: dict[str, Any] = {"kind": rec.kind}
     for k, v in rec.__dict__.items():
-        if k != "kind":
+        if k != "kind" and not (k == "tiers" and v is None):  # a strict ranking's file stays as it was
             d[k] = v
     return d
 
