@@ -287,18 +287,41 @@ def test_pipeline_data_and_eval_hooks(tmp_path):
     assert [(r["label"], r["tier"], r["n"]) for r in res["rows"]] == [("base", "add2", 4)]
     assert "| base | add2 |" in (tmp_path / "eval" / "arith.md").read_text()
     assert (tmp_path / "report.md").exists() and (tmp_path / "eval" / "DONE").exists()
+    assert "## Objective yardstick: arithmetic" in (tmp_path / "report.md").read_text()
+    assert "Objective yardstick: arithmetic" in (tmp_path / "report.html").read_text()
 
 
-def test_an_rl_runs_prompt_only_eval_data_is_no_heldout_error(tmp_path):
-    """The pipeline's checkpoint evaluation falls back on a run's eval_data for perplexity; a PPO run's
-    is the arithmetic prompts: no perplexity then, but no error (an explicit --heldout still fails)."""
-    from chatforge.data.records import write_jsonl
-    from chatforge.errors import DataError
-    from chatforge.eval.evaluate import EvalSettings, load_eval_data
+def test_mixed_chat_and_arithmetic_rl_adds_the_rule_to_the_reward_model(tmp_path):
+    """With a reward model and generated problems, RL's reward is the RM's score plus the weighted rule."""
+    from chatforge.pipeline import ARITH_REWARD, ArithData, DataSpec, Recipe, stage_inputs
 
-    f = tmp_path / "arith_heldout.jsonl"
-    write_jsonl(arith.records("add2", "heldout", 5), f)
-    prompts, convs = load_eval_data(str(f), None, EvalSettings(max_prompts=3), fallback_heldout=str(f))
-    assert len(prompts) == 3 and convs == []
-    with pytest.raises(DataError, match="conversations"):
-        load_eval_data(str(f), str(f), EvalSettings())
+    mixed = Recipe(stages=["data", "sft", "rm", "ppo"], data=DataSpec(arith=ArithData(reward_weight=2.5)))
+    assert stage_inputs(mixed, tmp_path)["ppo"]["rewards"] == [f"rm:{tmp_path / 'rm'}", f"{ARITH_REWARD}@2.5"]
+    assert main(["pipeline", str(RECIPE), "data.arith.reward_weight=0", "--dry-run"]) == 2
+
+
+def test_every_model_is_compared_with_the_base_and_with_sft(tmp_path):
+    """compare_to=["sft"]: RL's gain over the model it started from, not only over the base;
+    the same model under three names: no difference, and the verdict says none was shown."""
+    s = tasks.ArithSettings(tiers=["add2"], n=6, max_new_tokens=2, batch_size=6)
+    res = tasks.evaluate_arith({"base": "tiny", "sft": "tiny", "ppo": "tiny"}, s, baseline="base",
+                               out=tmp_path, compare_to=["sft"], log=lambda m: None)
+    assert [(c["label"], c["baseline"]) for c in res.comparisons] == [("sft", "base"), ("ppo", "base"),
+                                                                       ("ppo", "sft")]
+    assert [r["label"] for r in res.rows] == ["base", "sft", "ppo"]
+    assert all(c["diff"] == 0.0 for c in res.comparisons)
+    lines = tasks.verdict_lines(res.comparisons)
+    assert len(lines) == 3 and all(line.endswith("no difference shown (the interval includes 0)") for line in lines)
+    text = tasks.text_table(res)
+    assert text.count("paired on the same problems, vs") == 2
+
+
+def test_verdict_needs_the_interval_to_exclude_zero():
+    c = {"tier": "add2", "label": "ppo", "baseline": "sft", "n": 200, "gained": 30, "lost": 6, "p_value": 1e-4}
+    up, flat, down = (dict(c, diff=d, lo=lo, hi=hi) for d, lo, hi in ((0.12, 0.06, 0.18), (0.03, -0.01, 0.07),
+                                                                      (-0.1, -0.16, -0.04)))
+    assert tasks.verdict_lines([up, flat, down, dict(c, diff=None)]) == [
+        "arith add2: ppo vs sft: +0.120 [+0.060, +0.180] on 200 problems, McNemar p 0.0001: better",
+        "arith add2: ppo vs sft: +0.030 [-0.010, +0.070] on 200 problems, McNemar p 0.0001: "
+        "no difference shown (the interval includes 0)",
+        "arith add2: ppo vs sft: -0.100 [-0.160, -0.040] on 200 problems, McNemar p 0.0001: worse"]

@@ -74,12 +74,17 @@ class ArithData:
     train: int = 2000               # training prompts, appended to data/prompts.jsonl
     heldout: int = 500              # the first N of the tier's fixed held-out pool -> data/arith_heldout.jsonl
     seed: int | None = None         # training problems' seed (default: the recipe's seed)
+    # With a reward model in the recipe too, RL's prompts mix chat and arithmetic and its reward
+    # is the RM's score plus this weight times the exact-answer reward (0 on chat prompts):
+    # RLOO / GRPO baselines are per prompt, so the two scales never compete inside a group.
+    reward_weight: float = 1.0
 
     def validate(self) -> None:
         if self.tier not in arith.TIERS:
             raise ConfigError(f"data.arith.tier: {self.tier!r} is not one of {', '.join(arith.TIERS)}")
         check_range("data.arith.train", self.train, 1, None)
         check_range("data.arith.heldout", self.heldout, 1, arith.HELDOUT_POOL[self.tier])
+        check_range("data.arith.reward_weight", self.reward_weight, 0.0, None, lo_open=True)
 
 
 @dataclass
@@ -283,6 +288,8 @@ def stage_inputs(recipe: Recipe, root: Path) -> dict[str, dict[str, Any]]:
         ppo["eval_data"] = [str(d / "arith_heldout.jsonl")]
         if "rm" not in has and not (root / "rm" / "DONE").exists():
             ppo["rewards"] = [ARITH_REWARD]
+        else:  # chat and arithmetic prompts: the RM scores both, the rule only the problems
+            ppo["rewards"] = [f"rm:{root / 'rm'}", f"{ARITH_REWARD}@{recipe.data.arith.reward_weight:g}"]
     return {
         "sft": {"model": recipe.model, "data": [str(d / "sft.jsonl")]},
         "rm": {"model": sft_model, "data": [str(d / "preferences.jsonl")], "eval_data": pref_eval},
@@ -580,12 +587,15 @@ def pick_chat_defaults(recipe: Recipe, root: Path, result, prompts: str, gold: s
 def run_arith_task(recipe: Recipe, root: Path, runs: list[str], log: Callable[[str], None]) -> None:
     """``eval.tasks: [arith]``: the base model ("before") and every evaluated checkpoint of
     each trained stage on the fixed held-out problems; ``eval/arith.json`` + ``arith.md``."""
-    from chatforge.eval.tasks import evaluate_arith, markdown_table, text_table
+    from chatforge.eval.tasks import evaluate_arith, markdown_table, text_table, verdict_lines
     from chatforge.runs import atomic_write_text
 
     targets = {"base": recipe.model, **{Path(r).name: r for r in runs}}
     res = evaluate_arith(targets, recipe.eval.arith, baseline="base", out=root / "eval",
-                         max_checkpoints=recipe.eval.max_checkpoints, log=log)
+                         max_checkpoints=recipe.eval.max_checkpoints, log=log,
+                         compare_to=["sft"] if "sft" in targets else [])  # RL's gain over its start, too
     atomic_write_text(root / "eval" / "arith.md", "# Arithmetic yardstick (held-out, greedy)\n\n" + markdown_table(res))
     for line in text_table(res).splitlines():
+        log(f"  {line}")
+    for line in verdict_lines(res.comparisons):
         log(f"  {line}")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from chatforge.eval.evaluate import EvalResult
+from chatforge.eval.tasks import verdict_lines
 from chatforge.runs import atomic_write_text, read_metrics
 
 # metric keys never worth a panel
@@ -360,7 +361,8 @@ def _clip(text: str, n: int) -> str:
 
 
 def render_html(title: str, figures: list[tuple[str, Path]], result: EvalResult | None,
-                samples: Sequence[dict[str, Any]], stages: Mapping[str, str | Path], max_chars: int = 1200) -> str:
+                samples: Sequence[dict[str, Any]], stages: Mapping[str, str | Path], max_chars: int = 1200,
+                yardstick: Mapping[str, Any] | None = None) -> str:
     h = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{_esc(title)}</title>",
          f"<style>{CSS}</style></head><body>", f"<h1>{_esc(title)}</h1>",
          f"<p class=meta>written {time.strftime('%Y-%m-%d %H:%M')}"]
@@ -390,6 +392,8 @@ def render_html(title: str, figures: list[tuple[str, Path]], result: EvalResult 
         h.append(f"<p class=legend>{_esc(LEGEND)}</p>")
         for n in result.notes:
             h.append(f"<div class=note>{_esc(n)}</div>")
+    if yardstick:
+        h += yardstick_html(yardstick)
     if figures:
         h.append("<h2>Curves</h2>")
         for cap, png in figures:
@@ -426,7 +430,8 @@ def render_html(title: str, figures: list[tuple[str, Path]], result: EvalResult 
 
 
 def render_markdown(title: str, figures: list[tuple[str, Path]], result: EvalResult | None,
-                    samples: Sequence[dict[str, Any]], max_chars: int = 300) -> str:
+                    samples: Sequence[dict[str, Any]], max_chars: int = 300,
+                    yardstick: Mapping[str, Any] | None = None) -> str:
     md = [f"# {title}", ""]
     if result is not None and result.warnings:
         md += ["## Warnings", ""] + [f"> ⚠ {w}" + "  " for w in result.warnings] + [""]
@@ -434,6 +439,8 @@ def render_markdown(title: str, figures: list[tuple[str, Path]], result: EvalRes
         md += ["## Checkpoints", "", markdown_table(result), "", LEGEND, ""]
         md += [f"★ {line}  " for line in best_lines(result)]
         md += [""] + [f"- {n}" for n in result.notes] + [""]
+    if yardstick:
+        md += yardstick_markdown(yardstick)
     if figures:
         md += ["## Curves", ""] + [f"![{cap}]({png.name})" for cap, png in figures] + [""]
     if result is not None and samples:
@@ -448,6 +455,48 @@ def render_markdown(title: str, figures: list[tuple[str, Path]], result: EvalRes
                     md.append(f"- *{_column_title(c)}*: {txt}")
                 md.append("")
     return "\n".join(md) + "\n"
+
+
+def load_yardstick(eval_dir: str | Path) -> dict[str, Any] | None:
+    """``eval/arith.json`` (the objective yardstick, ``eval.tasks: [arith]``) when it was run."""
+    p = Path(eval_dir) / "arith.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def yardstick_html(data: Mapping[str, Any]) -> list[str]:
+    """Accuracy per model and tier, then the paired differences with their verdicts."""
+    h = ["<h2>Objective yardstick: arithmetic</h2>",
+         f"<p class=meta>held-out problems never used in training · greedy · "
+         f"{_esc(data['settings'].get('max_new_tokens'))} new tokens · reward rule: the final number</p>"]
+    for line in verdict_lines(data.get("comparisons", [])):
+        h.append(f"<p>{'★ ' if line.endswith(': better') else ''}{_esc(line)}</p>")
+    h.append("<table><tr>" + "".join(f"<th>{x}</th>" for x in
+                                      ("model", "tier", "accuracy", "95% interval", "n", "number only", "no EOS"))
+             + "</tr>")
+    for r in data.get("rows", []):
+        cells = [_cell(r.get("accuracy"), ".3f"), f"{_cell(r.get('lo'), '.3f')}–{_cell(r.get('hi'), '.3f')}",
+                 str(r.get("n")), _cell(r.get("number_only"), ".3f"), _cell(r.get("no_eos"), ".3f")]
+        h.append(f"<tr><td>{_esc(r['label'])}</td><td>{_esc(r['tier'])}</td>"
+                 + "".join(f"<td class=num>{_esc(c)}</td>" for c in cells) + "</tr>")
+    h.append("</table>")
+    return h
+
+
+def yardstick_markdown(data: Mapping[str, Any]) -> list[str]:
+    md = ["## Objective yardstick: arithmetic", "",
+          f"Held-out problems never used in training, greedy, {data['settings'].get('max_new_tokens')} new tokens.", ""]
+    md += [f"- {line}" for line in verdict_lines(data.get("comparisons", []))] + [""]
+    md += ["| model | tier | accuracy | 95% interval | n | number only | no EOS |", "|---|---|---:|---|---:|---:|---:|"]
+    for r in data.get("rows", []):
+        md.append(f"| {r['label']} | {r['tier']} | {_cell(r.get('accuracy'), '.3f')} | {_cell(r.get('lo'), '.3f')}–"
+                  f"{_cell(r.get('hi'), '.3f')} | {r.get('n')} | {_cell(r.get('number_only'), '.3f')} | "
+                  f"{_cell(r.get('no_eos'), '.3f')} |")
+    return md + [""]
 
 
 def load_result(eval_dir: str | Path) -> tuple[EvalResult, list[dict[str, Any]]]:
@@ -487,7 +536,8 @@ def write_report(pipeline_dir: str | Path, stages: Mapping[str, str | Path], eva
         png = stage_curves(name, run, out)
         if png is not None:
             figures.append((f"{name}: training curves", png))
+    yardstick = load_yardstick(eval_result.out if eval_result is not None and eval_result.out else out / "eval")
     html_path, md_path = out / "report.html", out / "report.md"
-    atomic_write_text(html_path, render_html(title, figures, eval_result, samples or [], stages))
-    atomic_write_text(md_path, render_markdown(title, figures, eval_result, samples or []))
+    atomic_write_text(html_path, render_html(title, figures, eval_result, samples or [], stages, yardstick=yardstick))
+    atomic_write_text(md_path, render_markdown(title, figures, eval_result, samples or [], yardstick=yardstick))
     return html_path, md_path

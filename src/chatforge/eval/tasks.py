@@ -202,11 +202,13 @@ def _log(msg: str) -> None:
 
 def evaluate_arith(runs: Mapping[str, str], settings: ArithSettings | None = None, baseline: str | None = None,
                    out: str | Path | None = None, max_checkpoints: int = 0,
-                   log: Callable[[str], None] = _log) -> ArithResult:
+                   log: Callable[[str], None] = _log, compare_to: Sequence[str] = ()) -> ArithResult:
     """The arith task on every target of ``runs`` (label -> run folder / model name /
     checkpoint; a run folder gives every checkpoint and its final model, ``max_checkpoints``
     of them when > 0). Each target is compared with ``baseline`` (a label of ``runs`` or a
-    model, evaluated first), else with the first target. Writes ``arith.json`` and
+    model, evaluated first), else with the first target; and also with the final model of
+    each run labelled in ``compare_to`` (e.g. ``sft``: did RL improve on the model it
+    started from, not only on the base?). Writes ``arith.json`` and
     ``arith_responses.jsonl`` into ``out`` when given."""
     from chatforge.eval.evaluate import Cache, identity, key_of, targets_of
     from chatforge.eval.measure import decoding_copy
@@ -261,6 +263,8 @@ def evaluate_arith(runs: Mapping[str, str], settings: ArithSettings | None = Non
         del model, tok, dec
         gc.collect()
 
+    refs = [base] + [[t for t in targets if t.run == lab][-1] for lab in compare_to
+                     if lab != base.run and any(t.run == lab for t in targets)]
     rows, comparisons = [], []
     for t in targets:
         for tier in s.tiers:
@@ -268,9 +272,11 @@ def evaluate_arith(runs: Mapping[str, str], settings: ArithSettings | None = Non
             rows.append({"label": t.label, "run": t.run, "checkpoint": t.name, "path": t.path, "step": t.step,
                          "final": t.final, "baseline": t is base, "tier": tier,
                          **{k: v for k, v in r.items() if k != "responses"}})
-            if t is not base:
-                comparisons.append({"tier": tier, "baseline": base.label, "label": t.label,
-                                    **paired_difference(results[base.label, tier]["correct"], r["correct"])})
+            for ref in refs:
+                if t is base or t is ref or (ref is not base and t.run == ref.run):
+                    continue  # a reference run's own checkpoints are not compared with its final model
+                comparisons.append({"tier": tier, "baseline": ref.label, "label": t.label,
+                                        **paired_difference(results[ref.label, tier]["correct"], r["correct"])})
     result = ArithResult(rows, comparisons, asdict(s), notes)
     if outp is not None:
         write_arith(result, results, problems, targets, outp)
@@ -308,10 +314,12 @@ def text_table(result: ArithResult) -> str:
         ci = f"[{_pct(r['lo'])}-{_pct(r['hi'])}]"
         lines.append(f"{r['label']:<{w}}  {r['tier']:<8}  {_pct(r['accuracy']):>8}  {ci:<15}  {r['n']:>4}  "
                      f"{_pct(r['number_only']):>11}  {_pct(r.get('anywhere')):>8}  {_pct(r['no_eos']):>6}")
-    if result.comparisons:
+    for ref in dict.fromkeys(c["baseline"] for c in result.comparisons):
         lines.append("")
-        lines.append(f"paired on the same problems, vs {result.comparisons[0]['baseline']}:")
+        lines.append(f"paired on the same problems, vs {ref}:")
         for c in result.comparisons:
+            if c["baseline"] != ref:
+                continue
             d = "-" if c["diff"] is None else f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]"
             p = "-" if c["p_value"] is None else f"{c['p_value']:.2g}"
             lines.append(f"  {c['label']:<{w}}  {c['tier']:<8}  {d}  gained {c['gained']}, lost {c['lost']}, "
@@ -335,3 +343,18 @@ def markdown_table(result: ArithResult) -> str:
             md.append(f"| {c['label']} | {c['tier']} | {c['baseline']} | {c['diff']:+.3f} | "
                       f"[{c['lo']:+.3f}, {c['hi']:+.3f}] | {c['gained']} | {c['lost']} | {c['p_value']:.2g} |")
     return "\n".join(md) + "\n"
+
+
+def verdict_lines(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One plain sentence per comparison: "better" or "worse" only when the paired 95 %
+    interval excludes zero, else "no difference shown" -- a report must not call noise an
+    improvement."""
+    out = []
+    for c in comparisons:
+        if c.get("diff") is None:
+            continue
+        word = ("better" if c["lo"] > 0 else "worse" if c["hi"] < 0
+                else "no difference shown (the interval includes 0)")
+        out.append(f"arith {c['tier']}: {c['label']} vs {c['baseline']}: {c['diff']:+.3f} [{c['lo']:+.3f}, "
+                   f"{c['hi']:+.3f}] on {c['n']} problems, McNemar p {c['p_value']:.2g}: {word}")
+    return out
