@@ -10,6 +10,9 @@ each runs in its own subprocess, so each peak RSS is that stage's own:
   clean     + ``clean.Cleaner.check`` (every rule on, duplicate hashes)
   tokenise  + ``tokenize.iter_examples`` (template -> ids + assistant labels, truncation)
   pack      + ``tokenize.pack_examples`` (best-fit rows of ``--max-len``): end to end, streaming
+  read-parquet, pack-parquet
+            the read and pack stages on a Parquet copy of the same records (written once with
+            pyarrow, row groups of 64k; the Hugging Face hub's format), read by ``data/tabular.py``
   trl       the peer, side by side: read + clean (ours) -> the way TRL 1.16's SFTTrainer prepares
             the same data (``Dataset.from_generator``; its prompt-completion tokenize function,
             replicated: two ``apply_chat_template`` calls and a common-prefix completion mask,
@@ -21,7 +24,9 @@ apart); cpu us/rec is CPU time (all threads, worker processes included) per inpu
 the figure to compare on a shared machine. Peak RSS is the stage process's, "children" the
 largest worker's. The header records the CPU model and flags (no matmul here: no precision to
 pick). Goal: >= 20k records/s end to end and peak RSS < 2 GiB. The trl stage
-needs TRL (``pip install -e ".[bench]"``) and is skipped without it.
+needs TRL (``pip install -e ".[bench]"``) and is skipped without it. ``--workers 2`` tokenises
+in two forked worker processes (``chatforge.data.token_pool``) beside the one that reads,
+cleans and packs: the same rows, in the same order.
 
     .venv/bin/python bench/data.py                      # 1M records, every stage
     .venv/bin/python bench/data.py --records 20000      # smoke run
@@ -44,7 +49,7 @@ from pathlib import Path
 
 from _sides import machine_header
 
-STAGES = ["read", "clean", "tokenise", "pack", "trl"]
+STAGES = ["read", "clean", "tokenise", "pack", "read-parquet", "pack-parquet", "trl"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--template", default="auto")
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--num-proc", type=int, default=2, help="datasets.map workers in the trl stage")
+    p.add_argument("--workers", type=int, default=1,
+                   help="tokenising worker processes in the tokenise/pack stages (iter_examples num_proc; 1: in-process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--file", help=argparse.SUPPRESS)
@@ -160,6 +167,25 @@ def generate(path: Path, n: int, seed: int) -> float:
     return time.time() - t0
 
 
+def write_parquet(jsonl: Path, out: Path) -> float:
+    """The same records as a Parquet file (string columns instruction/input/output)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t0 = time.time()
+    schema = pa.schema([(k, pa.string()) for k in ("instruction", "input", "output")])
+    with pq.ParquetWriter(out, schema) as w, open(jsonl, encoding="utf-8") as f:
+        batch = []
+        for line in f:
+            batch.append(json.loads(line))
+            if len(batch) == 65536:
+                w.write_table(pa.Table.from_pylist(batch, schema=schema))
+                batch = []
+        if batch:
+            w.write_table(pa.Table.from_pylist(batch, schema=schema))
+    return time.time() - t0
+
+
 # ---------------------------------------------------------------- stages (child)
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (user + system)."""
@@ -172,8 +198,8 @@ def run_stage(args) -> dict:
     from chatforge.data.io import ReadError
     from chatforge.data.readers import iter_file
 
-    stage = args.child
-    out: dict = {"stage": stage}
+    out: dict = {"stage": args.child}
+    stage = args.child.removesuffix("-parquet")
     t_load = time.time()
     tok = None
     if stage in ("tokenise", "pack", "trl"):
@@ -204,10 +230,11 @@ def run_stage(args) -> dict:
             pass
     elif stage in ("tokenise", "pack"):
         stats = T.TokenizeStats()
-        examples = T.iter_examples(records(), tok, args.max_len, args.template, stats=stats)
+        examples = T.iter_examples(records(), tok, args.max_len, args.template, stats=stats, num_proc=args.workers)
         n = 0
-        for _ in (T.pack_examples(examples, args.max_len, stats=stats) if stage == "pack" else examples):
-            n += 1
+        with T.fewer_gc_passes():  # as build_sft_examples, the training path, runs it
+            for _ in (T.pack_examples(examples, args.max_len, stats=stats) if stage == "pack" else examples):
+                n += 1
         out["tokenize"] = stats.summary()
     else:
         out["rows"] = run_trl(counts, tok, args)
@@ -284,12 +311,18 @@ def main(argv=None) -> None:
         else:
             dt = generate(path, args.records, args.seed)
             print(f"corpus: {args.records} alpaca records, {path.stat().st_size / 2**20:.0f} MiB, generated in {dt:.1f} s")
+        parquet = path.with_suffix(".parquet")
+        if any(s.endswith("-parquet") for s in stages):
+            dt = write_parquet(path, parquet)
+            print(f"corpus: the same records as Parquet, {parquet.stat().st_size / 2**20:.0f} MiB, written in {dt:.1f} s")
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start "
               "(a busy machine makes every figure pessimistic)")
         results = []
         for stage in stages:
-            cmd = [sys.executable, __file__, "--child", stage, "--file", str(path), "--tokenizer", args.tokenizer,
+            data = parquet if stage.endswith("-parquet") else path
+            cmd = [sys.executable, __file__, "--child", stage, "--file", str(data), "--tokenizer", args.tokenizer,
                    "--template", args.template, "--max-len", str(args.max_len), "--num-proc", str(args.num_proc),
+                   "--workers", str(args.workers),
                    "--workdir", str(Path(tmp) / f"cache-{stage}")]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -307,6 +340,8 @@ def report(results: list[dict]) -> None:
           f"{'peak RSS MiB':>14}{'children MiB':>14}{'load s':>8}")
     prev = 0.0
     for r in results:
+        if r["stage"] == "read-parquet":  # a second chain of stages: its +stage starts from zero
+            prev = 0.0
         per = r["cpu_s"] / max(r["records"], 1) * 1e6
         extra = f"{per - prev:>8.1f}" if r["stage"] not in ("trl",) else f"{'':>8}"
         print(f"{r['stage']:<10}{r['wall_s']:>8.1f}{r['records_per_s']:>11.0f}{r['cpu_s']:>8.1f}{per:>11.1f}{extra}"
@@ -324,7 +359,7 @@ def report(results: list[dict]) -> None:
     for r in results:
         if "tokenize" in r:
             print(f"{r['stage']}: {r['tokenize']}")
-    e2e = [r for r in results if r["stage"] in ("pack", "trl")]
+    e2e = [r for r in results if r["stage"] in ("pack", "pack-parquet", "trl")]
     for r in e2e:
         peak = r["peak_rss_mib"] + r["peak_rss_children_mib"]
         ok = "meets" if r["records_per_s"] >= 20000 and peak < 2048 else "misses"

@@ -215,7 +215,7 @@ def test_openai_messages(tmp_path):
     assert r.format == "openai-messages" and len(r.records) == 2
     assert r.records[1].messages[0]["content"] == "parts"
     assert [(e.line, e.reason) for e in r.errors][0] == (3, "conversation has no user message")
-    assert "tool" in r.errors[1].reason
+    assert r.errors[1].reason == "conversation has no assistant message"  # tool results are read (test_tool_calls)
 
 
 def test_canonical_round_trip_keeps_provenance(tmp_path):
@@ -460,7 +460,7 @@ def test_read_files_and_iter_records(tmp_path):
 def test_every_format_has_a_fixture_here():
     tested = {"alpaca", "chatdoctor", "self-instruct-seeds", "gpt4all", "kochatgpt-sft", "kochatgpt-rm", "ppo-prompts",
               "sharegpt", "openai-messages", "chatforge", "hh-rlhf", "alpaca-eval-outputs", "alpaca-eval-pairwise",
-              "fastchat-questions", "hugchat", "conversation-blocks", "nanochatgpt", "lines"}
+              "fastchat-questions", "hugchat", "conversation-blocks", "nanochatgpt", "lines", "label-candidates"}
     assert set(format_names()) == tested
 
 
@@ -468,3 +468,14 @@ def test_forcing_a_json_format_on_a_text_file_is_an_error(tmp_path):
     p = text(tmp_path, "seed.txt", "one question\nanother\n")
     with pytest.raises(DataError, match="reads JSON, but the file is plain text"):
         read_file(p, format="alpaca")
+
+
+def test_label_candidates_read_as_prompts(tmp_path):
+    p = tmp_path / "cands.jsonl"
+    p.write_text('{"id": "q1", "prompt": "Why?", "candidates": ["a", {"content": "b", "model": "sft"}]}\n'
+                 '{"prompt": [{"role": "user", "content": "How?"}], "candidates": ["a", "b"]}\n'
+                 '{"prompt": "", "candidates": ["a", "b"]}\n')
+    r = read_file(p)
+    assert (r.format, r.kind) == ("label-candidates", "prompt")
+    assert [x.prompt[-1]["content"] for x in r.records] == ["Why?", "How?"] and r.records[0].meta["id"] == "q1"
+    assert [(e.line, e.reason) for e in r.errors] == [(3, "empty 'prompt'")]

@@ -430,3 +430,71 @@ def test_label_counts_match_masks(tok):
             for chat in (random_chat(rnd) for _ in range(20)):
                 e = encode_messages(tok, chat, template=name, train_on=train_on)
                 assert e.n_labels == sum(1 for x in e.labels if x != IGNORE_INDEX)
+
+
+# -- worker processes (token_pool.py) give the in-process examples, which equal the reference ------------
+
+def mixed_records(n: int, seed: int = 11) -> list:
+    """Multi-turn chats, system prompts, unicode, special-token text, tool calls, and records that
+    are dropped or refused on the way (no assistant turn, too long, not a conversation)."""
+    rnd = random.Random(seed)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}
+    tools = [m("user", "Weather in Zürich?"), {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21, "sky": "☀"}'},
+             m("assistant", "21 °C and sunny.")]
+    recs: list = []
+    for i in range(n):
+        r = rnd.random()
+        if r < 0.15:
+            chat = [m("system", "Réponds en français."), *tools] if rnd.random() < 0.5 else list(tools)
+        elif r < 0.18:
+            chat = [m("user", "a question nobody answers")]
+        elif r < 0.21:
+            chat = [m("user", "q"), m("assistant", "word " * 400)]  # longer than max_len
+        else:
+            chat = random_chat(rnd)
+        recs.append(Conversation(chat, meta={"source": "mixed.jsonl", "line": i + 1}))
+    recs.insert(5, Preference([m("user", "q")], m("assistant", "a"), m("assistant", "b"),
+                              meta={"source": "mixed.jsonl", "line": 0}))
+    return recs
+
+
+def reference_example(tokenizer, template, chat):
+    """ids from ``apply_chat_template`` (tool calls as their Hermes text: chatml renders none),
+    labels from the general path (render, cut at special tokens, map character spans)."""
+    flat = T.tool_calls_as_text(chat) if any("tool_calls" in x or x["role"] == "tool" for x in chat) else chat
+    encoder = get_encoder(tokenizer, template)
+    ref = encoder.encode_rendered([encoder.render(flat)])[0]
+    assert ref.input_ids == reference_ids(tokenizer, T.get_template(tokenizer, template), flat)
+    return ref
+
+
+@pytest.mark.parametrize("template", ["chatml", "alpaca"])
+def test_worker_processes_and_fast_paths_equal_the_reference(tok, template):
+    recs = mixed_records(160)
+    got = {}
+    for num_proc in (1, 2):
+        stats = TokenizeStats()
+        examples = list(iter_examples(recs, tok, 96, template, stats=stats, batch_size=7, num_proc=num_proc))
+        got[num_proc] = ([(e.input_ids, e.labels, e.turn_ends, e.label_count()) for e in examples], stats.to_dict())
+    assert got[2] == got[1]  # same examples, same order, same counts (errors with file:line too)
+    stats = got[1][1]
+    assert stats["errors"] == 1 and "mixed.jsonl:0" in stats["first_errors"][0]
+    assert stats["dropped_too_long"] > 0 and stats["dropped_no_labels"] > 0
+    want = []
+    for rec in recs:
+        if not isinstance(rec, Conversation) or not any(x["role"] == "assistant" for x in rec.messages):
+            continue
+        ex, status = truncate(reference_example(tok, template, rec.messages), 96)
+        if ex is not None:
+            want.append((ex.input_ids, ex.labels, ex.turn_ends, ex.label_count()))
+    assert got[1][0] == want
+    assert any(t for _, labels, *_ in want for t in labels if t != IGNORE_INDEX)
+    rows = {n: list(pack_examples(iter_examples(recs, tok, 96, template, batch_size=7, num_proc=n), 96))
+            for n in (1, 2)}
+    assert rows[1] == rows[2]
+
+
+def test_num_proc_must_be_positive(tok):
+    with pytest.raises(ConfigError, match="num_proc=0"):
+        list(iter_examples([Conversation(CHAT)], tok, 64, num_proc=0))

@@ -3,7 +3,8 @@
     chatforge score --rm RUN --data FILE... [-o OUT.jsonl]
     chatforge score --rm RUN --prompt TEXT --response TEXT
 
-Any canonical record kind: a conversation's last assistant reply gets ``score``; a
+Any canonical record kind: a conversation's last assistant reply gets ``score`` (a reply that
+calls a tool is scored as the ``<tool_call>`` text the model writes for it); a
 preference gets ``chosen_score`` / ``rejected_score`` / ``correct``; a ranking ``scores``
 (best -> worst) with ``correct_pairs`` and Kendall ``tau``. ``-o`` writes each record with its
 scores as JSON Lines; the summary (and pairwise accuracy on preference / ranking data) is
@@ -33,9 +34,10 @@ def add_parser(subparsers) -> None:
 def _items(rec) -> tuple[list, list[str]] | None:
     """(prompt, responses) to score for one record; None for records without a response."""
     from chatforge.data.records import Conversation, Preference, Ranking
+    from chatforge.data.templates import message_as_text
 
-    if isinstance(rec, Conversation):
-        return rec.prompt, [rec.messages[len(rec.prompt)]["content"]]
+    if isinstance(rec, Conversation):  # a reply that calls a tool is scored as its <tool_call> text
+        return rec.prompt, [message_as_text(rec.messages[len(rec.prompt)])]
     if isinstance(rec, Preference):
         return rec.prompt, [rec.chosen["content"], rec.rejected["content"]]
     if isinstance(rec, Ranking):

@@ -30,7 +30,8 @@ from typing import Any
 
 from chatforge.data.pretoken_cache import PretokenBPE
 from chatforge.data.template_plans import Plan, compile_plan
-from chatforge.data.templates import ChatFormat, Rendered, _verification_chats, chat_format, get_template
+from chatforge.data.templates import (ChatFormat, Rendered, _verification_chats, chat_format, get_template,
+                                      supports_tools, tool_calls_as_text)
 from chatforge.data.token_spans import Locator
 from chatforge.errors import ConfigError
 
@@ -77,6 +78,7 @@ class Encoder:
         if self.backend is None:
             raise ConfigError("chatforge needs a fast tokenizer (one with a tokenizer.json) to build label masks")
         self.template = get_template(tokenizer, template)
+        self._tokenizer = weakref.ref(tokenizer)
         self.fmt: ChatFormat = chat_format(tokenizer, self.template)
         self.train_on = train_on
         self._split, self._special_ids = _special_splitter(self.backend)
@@ -84,6 +86,7 @@ class Encoder:
         self._memo: dict[str, tuple[list[int], Any]] = {}  # constant template text -> (ids, encoding)
         self._plans: dict[tuple, Plan | None] = {}  # (roles, gen prompt) -> how to encode that shape
         self._bpe: PretokenBPE | None = None
+        self._native_tools: bool | None = None  # does the template render tool calls? (probed on first use)
         if self._split is not None:
             self._bpe = PretokenBPE.build(self.backend)
             self._memo = self._constant_fragments()
@@ -132,6 +135,9 @@ class Encoder:
     # -- the two stages: queue texts per conversation, then tokenise them all ---------------------
     def _prepare(self, messages: list[dict], gen: bool, jobs: list[str]) -> tuple[Any, Any]:
         """Queue the texts to tokenise; returns (finish function, its state)."""
+        for m in messages:
+            if m["role"] == "tool" or m.get("tool_calls"):
+                return self._prepare_tools(messages, gen, jobs)
         plan = self._plan(messages, gen)
         if plan is not None:
             contents = [m["content"] for m in messages]
@@ -140,6 +146,17 @@ class Encoder:
                 jobs.extend(plan.texts(contents))
                 return self._assemble_plan, (plan, contents, first)
         r = self.render(messages, gen)
+        return self._assemble, (r, self._fragments(r.text, jobs))
+
+    def _prepare_tools(self, messages: list[dict], gen: bool, jobs: list[str]) -> tuple[Any, Any]:
+        """Tool calls: the template's own rendering through Jinja when it has one, else the
+        text convention of :func:`chatforge.data.templates.tool_calls_as_text`."""
+        if self._native_tools is None:
+            self._native_tools = supports_tools(self._tokenizer(), self.template)
+        if not self._native_tools:
+            flat = tool_calls_as_text(messages)
+            return self._prepare(flat, gen, jobs)
+        r = self.fmt._render_by_prefixes(messages, gen)
         return self._assemble, (r, self._fragments(r.text, jobs))
 
     def _encode_texts(self, texts: list[str]) -> list[Any]:

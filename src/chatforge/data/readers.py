@@ -7,7 +7,9 @@
 How a file is read:
 
 1. :func:`chatforge.data.io.sniff` decides the layout from the bytes (JSON Lines, a JSON
-   document, or text; gzip/bz2/xz, BOM, binary and empty files handled there).
+   document, text, or a table: CSV/TSV, Parquet, Arrow -- :mod:`chatforge.data.tabular`;
+   gzip/bz2/xz, BOM, binary and empty files handled there). Table rows are items like
+   JSON objects; their records carry ``meta.row`` instead of ``meta.line``.
 2. The first items (or lines, for text) are scored by every adapter in
    :data:`chatforge.data.formats.FORMATS`; the highest total wins (``format=`` forces one).
    Nothing scoring -> :class:`DataError` listing the formats tried.
@@ -28,6 +30,7 @@ from chatforge.data.formats import BY_NAME, FORMATS, Bad, Format
 from chatforge.data.formats.base import describe
 from chatforge.data.io import ReadError, iter_items, iter_lines, sniff
 from chatforge.data.records import Record, RecordError
+from chatforge.data.tabular import iter_rows
 from chatforge.errors import DataError
 
 SAMPLE_ITEMS = 64  # parsed items scored for detection
@@ -75,6 +78,9 @@ class FileStream:
             raise DataError(f"{self.path}: format {forced.name} cannot be read: {forced.unsupported}")
         if forced is not None and not forced.text and self.sniffed.layout == "text":
             raise DataError(f"{self.path}: format {forced.name} reads JSON, but the file is plain text")
+        if forced is not None and forced.text and self.sniffed.table:
+            raise DataError(f"{self.path}: format {forced.name} reads text lines, but the file is a "
+                            f"{self.sniffed.layout} table (its rows are read as records)")
         if self.sniffed.layout == "text" or (forced is not None and forced.text):
             self._init_text(forced)
         else:
@@ -82,7 +88,7 @@ class FileStream:
 
     # -- detection ---------------------------------------------------------------------
     def _init_json(self, forced: Format | None) -> None:
-        items = iter_items(self.path, self.sniffed)
+        items = iter_rows(self.path, self.sniffed) if self.sniffed.table else iter_items(self.path, self.sniffed)
         buf: list[Any] = []
         sample: list[Any] = []
         for x in items:
@@ -136,7 +142,8 @@ class FileStream:
         best = max(candidates, key=lambda f: votes[f.name])  # max keeps the first on ties
         if votes[best.name] <= 0:
             tried = ", ".join(f.name for f in candidates)
-            what = f"the first item is {describe(sample[0])}" if per_item else "the first lines match none of them"
+            item = "row" if self.sniffed.table else "item"
+            what = f"the first {item} is {describe(sample[0])}" if per_item else "the first lines match none of them"
             raise DataError(
                 f"{self.path}: unknown format ({self.sniffed.layout}); tried {tried}; {what}. "
                 "Use --format to force one."
@@ -182,6 +189,7 @@ class FileStream:
     def _convert_items(self) -> Iterator[Union[Record, ReadError]]:
         """JSON items -> records; errors carry the item's line (and array index)."""
         path, convert = self.path, self.format.convert
+        where = "row" if self.sniffed.table else "line"
         for x in self._items:
             if isinstance(x, ReadError):
                 if x.item:  # a line that is not JSON: an item lost
@@ -190,7 +198,7 @@ class FileStream:
                 continue
             line, index, value = x
             self.n_items += 1
-            meta: dict[str, Any] = {"source": path, "line": line}
+            meta: dict[str, Any] = {"source": path, where: line}
             if index is not None:
                 meta["index"] = index
             try:
@@ -199,19 +207,24 @@ class FileStream:
                     yield out.validate()
                     continue
             except (Bad, RecordError) as e:
-                yield _item_error(path, line, index, str(e))
+                yield _item_error(path, line, index, str(e), where)
+                continue
+            except RecursionError:  # a converter walking a pathologically nested value
+                yield _item_error(path, line, index, "nested too deeply to convert", where)
                 continue
             for r in out:  # one item -> several records (self-instruct instances)
                 if isinstance(r, Bad):
-                    yield _item_error(path, line, index, str(r))
+                    yield _item_error(path, line, index, str(r), where)
                     continue
                 try:
                     yield r.validate()
                 except RecordError as e:
-                    yield _item_error(path, line, index, str(e))
+                    yield _item_error(path, line, index, str(e), where)
 
 
-def _item_error(path: str, line: int, index: int | None, reason: str) -> ReadError:
+def _item_error(path: str, line: int, index: int | None, reason: str, where: str = "line") -> ReadError:
+    if where == "row":
+        return ReadError(path, None, reason, row=line)
     return ReadError(path, line, reason, index)
 
 

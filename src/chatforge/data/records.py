@@ -2,15 +2,23 @@
 
 Four kinds, all plain dataclasses that round-trip through one JSON object per line:
 
-* ``Conversation`` -- ``messages`` (OpenAI style) for supervised fine-tuning.
+* ``Conversation`` -- ``messages`` (OpenAI style) for supervised fine-tuning; may call tools
+  (see *Tool calls* below).
 * ``Preference``  -- a prompt plus a ``chosen`` and a ``rejected`` assistant message.
 * ``Ranking``     -- a prompt plus K >= 2 responses ordered best -> worst; optional ``tiers``
   (one non-decreasing integer per response, 0 = best) mark ties: responses of equal tier
   are equally good, and no (better, worse) pair is made between them.
 * ``Prompt``      -- a prompt only, for RL rollouts and evaluation.
 
-``meta`` carries provenance (``source`` file, ``line``, original ``id``) so an error or a
-rejected record can always be traced back to the byte it came from.
+``meta`` carries provenance (``source`` file, ``line`` -- or ``row`` for a table --, original
+``id``) so an error or a rejected record can always be traced back to the byte it came from.
+
+Tool calls (OpenAI's fine-tuning format, also what Hugging Face chat templates take): an
+assistant message may carry ``tool_calls`` -- ``[{"id"?, "type": "function", "function":
+{"name": str, "arguments": {...}}}]``, ``arguments`` an object (readers parse OpenAI's JSON
+string) -- with ``content`` None or text; a ``tool`` message holds a result as ``content``,
+with optional ``tool_call_id`` and ``name``. Conversations and prompts may hold them;
+preference and ranking responses may not (they are scored as text).
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Union
 
-Role = Literal["system", "user", "assistant"]
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
-Message = dict[str, str]  # {"role": ..., "content": ...}
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+TOOL_FIELDS: tuple[str, ...] = ("tool_calls", "tool_call_id", "name")  # beside role and content
+Message = dict[str, Any]  # {"role": ..., "content": ...} (+ TOOL_FIELDS, see the module doc)
 
 
 class RecordError(ValueError):
@@ -33,7 +42,12 @@ def msg(role: str, content: str) -> Message:
     return {"role": role, "content": content}
 
 
-def _check_messages(messages: list[Message], what: str) -> None:
+def has_tool_calls(messages: list[Message]) -> bool:
+    """Does any message call a tool or hold a tool's result?"""
+    return any(m["role"] == "tool" or "tool_calls" in m for m in messages)
+
+
+def _check_messages(messages: list[Message], what: str, tools: bool = False) -> None:
     if not isinstance(messages, list):
         raise RecordError(f"{what} must be a list of messages")
     for i, m in enumerate(messages):
@@ -41,12 +55,44 @@ def _check_messages(messages: list[Message], what: str) -> None:
             raise RecordError(f"{what}[{i}] must be an object with 'role' and 'content'")
         if m["role"] not in ROLES:
             raise RecordError(f"{what}[{i}] has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(m["content"], str):
+        if len(m) > 2 or m["role"] == "tool":
+            _check_tool_fields(m, f"{what}[{i}]", tools)
+        elif not isinstance(m["content"], str):
             raise RecordError(f"{what}[{i}].content must be a string")
 
 
+def _check_tool_fields(m: Message, what: str, tools: bool) -> None:
+    extra = [k for k in m if k not in ("role", "content", *TOOL_FIELDS)]
+    if extra:
+        raise RecordError(f"{what} has unknown field {extra[0]!r}")
+    calls = m.get("tool_calls")
+    if not tools and (calls is not None or m["role"] == "tool"):
+        raise RecordError(f"{what}: tool calls can only be part of a conversation or a prompt, not of a response")
+    if calls is not None:
+        if m["role"] != "assistant":
+            raise RecordError(f"{what}: only assistant messages make tool_calls")
+        if not isinstance(calls, list) or not calls:
+            raise RecordError(f"{what}.tool_calls must be a non-empty list")
+        for j, c in enumerate(calls):
+            f = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+                raise RecordError(f"{what}.tool_calls[{j}] must be {{\"function\": {{\"name\": ..., \"arguments\": {{...}}}}}}")
+            if not isinstance(f.get("arguments", {}), dict):
+                raise RecordError(f"{what}.tool_calls[{j}].function.arguments must be an object")
+            if c.get("id") is not None and not isinstance(c["id"], str):
+                raise RecordError(f"{what}.tool_calls[{j}].id must be a string")
+        if m["content"] is not None and not isinstance(m["content"], str):
+            raise RecordError(f"{what}.content must be a string or null")
+    elif not isinstance(m["content"], str):
+        raise RecordError(f"{what}.content must be a string" + (" (null only beside tool_calls)"
+                                                                  if m["content"] is None else ""))
+    for k in ("tool_call_id", "name"):
+        if m.get(k) is not None and (m["role"] != "tool" or not isinstance(m[k], str)):
+            raise RecordError(f"{what}.{k} must be a string on a tool message")
+
+
 def _check_prompt(prompt: list[Message]) -> None:
-    _check_messages(prompt, "prompt")
+    _check_messages(prompt, "prompt", tools=True)
     if not prompt or prompt[-1]["role"] != "user":
         raise RecordError("prompt must end with a user message")
 
@@ -58,7 +104,7 @@ class Conversation:
     kind: str = field(default="conversation", init=False)
 
     def validate(self) -> "Conversation":
-        _check_messages(self.messages, "messages")
+        _check_messages(self.messages, "messages", tools=True)
         if not any(m["role"] == "assistant" for m in self.messages):
             raise RecordError("conversation has no assistant message to learn from")
         return self

@@ -26,6 +26,7 @@ rewritten, position-dependent output) fall back to Jinja, message by message.
 from __future__ import annotations
 
 import itertools
+import json
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -340,6 +341,62 @@ def _pieces_match_jinja(fmt: ChatFormat) -> bool:
             if got is not None and (got.text != want.text or got.spans != want.spans):
                 return False
     return True
+
+
+# -- tool calls ------------------------------------------------------------------------------
+
+_TOOL_PROBE = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_cf0", "type": "function", "function": {"name": "cf_probe_fn", "arguments": {"cf_arg": "cf_val"}}}]},
+    {"role": "tool", "tool_call_id": "call_cf0", "name": "cf_probe_fn", "content": "cf_probe_result"},
+    {"role": "assistant", "content": "Done."},
+]
+
+
+def supports_tools(tokenizer: Any, template: str) -> bool:
+    """Does ``template`` render tool calls and results? (A probe conversation must show the
+    call's name, its argument and the result; templates that drop or refuse them do not.)"""
+    try:
+        text = render_jinja(tokenizer, template, _TOOL_PROBE)
+    except Exception:
+        return False
+    return all(x in text for x in ("cf_probe_fn", "cf_val", "cf_probe_result"))
+
+
+def tool_calls_as_text(messages: list[dict]) -> list[dict]:
+    """Messages with tool calls -> plain system/user/assistant messages (Hermes / Qwen2.5 text)."""
+    out: list[dict] = []
+    for m in messages:
+        role = m["role"]
+        if role == "tool":
+            block = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if out and out[-1].get("_tool"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_tool": True})
+            continue
+        content = m.get("content") or ""
+        calls = m.get("tool_calls")
+        if calls:
+            text = "\n".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"],
+                                                             "arguments": c["function"].get("arguments", {})},
+                                                            ensure_ascii=False) + "\n</tool_call>" for c in calls)
+            content = f"{content}\n{text}" if content else text
+        out.append({"role": role, "content": content})
+    for m in out:
+        m.pop("_tool", None)
+    return out
+
+
+def message_as_text(m: dict) -> str:
+    """A message's text as a model writes it: the content, and any tool calls as the Hermes
+    ``<tool_call>`` text of :func:`tool_calls_as_text` (what the encoder renders for templates
+    without tool support: SmolLM2's, the built-ins). For scoring and reports, where a tool
+    call's ``content`` is None."""
+    if not m.get("tool_calls"):
+        return m.get("content") or ""
+    return tool_calls_as_text([m])[0]["content"]
 
 
 # -- end of turn / stopping -----------------------------------------------------------------

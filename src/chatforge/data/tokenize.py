@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import gc
 from bisect import bisect_left, bisect_right, insort
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Iterable, Iterator
 
 from chatforge.data.encoder import IGNORE_INDEX, Encoded, Encoder, get_encoder
@@ -142,53 +144,102 @@ def _messages_of(rec: Any) -> list[dict]:
 def _where(rec: Any) -> str:
     meta = getattr(rec, "meta", None) or (rec.get("meta") if isinstance(rec, dict) else None) or {}
     src, line = meta.get("source"), meta.get("line")
+    if src and meta.get("row") is not None:
+        return f"{src} row {meta['row']}"
     return f"{src}:{line}" if src and line is not None else (src or "")
 
 
 def iter_examples(records: Iterable[Any], tokenizer: Any, max_len: int, template: str = "auto",
                   train_on: str = "assistant", truncation: str = "turns", stats: TokenizeStats | None = None,
-                  batch_size: int = 512) -> Iterator[Encoded]:
+                  batch_size: int = 512, num_proc: int = 1) -> Iterator[Encoded]:
     """Stream conversations -> truncated examples, tokenising ``batch_size`` at a time.
 
     ``records``: :class:`Conversation` objects, ``{"messages": [...]}`` dicts or message
-    lists. Counts go into ``stats`` (pass one in to read them afterwards).
+    lists. Counts go into ``stats`` (pass one in to read them afterwards). ``num_proc`` > 1
+    encodes in that many forked worker processes (:mod:`chatforge.data.token_pool`) while
+    this one keeps reading and packing; the examples are the same, in the same order.
     """
     if max_len < 2:
         raise ConfigError(f"max_len={max_len}: must be at least 2")
     if truncation not in TRUNCATION:
         raise ConfigError(f"truncation={truncation!r}: expected one of {', '.join(TRUNCATION)}")
+    if num_proc < 1:
+        raise ConfigError(f"num_proc={num_proc}: must be at least 1")
     encoder = get_encoder(tokenizer, template, train_on)
     stats = stats if stats is not None else TokenizeStats()
-    batch: list[Any] = []
+    if num_proc == 1:
+        for owners, convs in _batches(records, batch_size, stats):
+            yield from _account(owners, _encode_chunk(encoder, convs, max_len, truncation), stats)
+        return
+    from chatforge.data.token_pool import ordered_map
+
+    batches = deque()  # owners of the chunks in flight, in order (their results come back in order)
+
+    def chunks() -> Iterator[list[list[dict]]]:
+        for owners, convs in _batches(records, batch_size, stats):
+            batches.append(owners)
+            yield convs
+
+    work = partial(_encode_chunk_sendable, encoder, max_len=max_len, truncation=truncation)
+    for sent in ordered_map(work, chunks(), num_proc):
+        yield from _account(batches.popleft(), _received(sent), stats)
+
+
+def _batches(records: Iterable[Any], batch_size: int,
+             stats: TokenizeStats) -> Iterator[tuple[list[Any], list[list[dict]]]]:
+    """(records, their message lists) ``batch_size`` at a time; non-conversations are counted errors."""
+    owners: list[Any] = []
+    convs: list[list[dict]] = []
     for rec in records:
-        batch.append(rec)
-        if len(batch) >= batch_size:
-            yield from _encode_batch(encoder, batch, max_len, truncation, stats)
-            batch = []
-    if batch:
-        yield from _encode_batch(encoder, batch, max_len, truncation, stats)
-
-
-def _encode_batch(encoder: Encoder, batch: list[Any], max_len: int, truncation: str,
-                  stats: TokenizeStats) -> Iterator[Encoded]:
-    convs, owners = [], []
-    for rec in batch:
         stats.records += 1
         try:
             convs.append(_messages_of(rec))
             owners.append(rec)
         except DataError as e:
             stats.error(_where(rec), str(e))
-    for rec, enc in zip(owners, encoder.encode_many(convs)):
-        if isinstance(enc, Exception):
-            stats.error(_where(rec), f"chat template failed: {enc}")
             continue
-        ex, status = truncate(enc, max_len, truncation)
+        if len(convs) >= batch_size:
+            yield owners, convs
+            owners, convs = [], []
+    if convs:
+        yield owners, convs
+
+
+def _encode_chunk(encoder: Encoder, convs: list[list[dict]], max_len: int,
+                  truncation: str) -> list[tuple[str, Encoded | None]]:
+    """(status, example) per conversation: status ``ok``/``truncated``/``too_long``/``no_labels``,
+    or the template's error message (example None)."""
+    out: list[tuple[str, Encoded | None]] = []
+    for enc in encoder.encode_many(convs):
+        if isinstance(enc, Exception):
+            out.append((f"chat template failed: {enc}", None))
+        else:
+            ex, status = truncate(enc, max_len, truncation)
+            out.append((status, ex))
+    return out
+
+
+def _encode_chunk_sendable(encoder: Encoder, convs: list[list[dict]], max_len: int, truncation: str) -> list:
+    """:func:`_encode_chunk` in a worker process: plain tuples to pickle back (see token_pool.py)."""
+    return [(status,) if ex is None else (status, ex.input_ids, ex.labels, ex.turn_ends, ex.label_count())
+            for status, ex in _encode_chunk(encoder, convs, max_len, truncation)]
+
+
+def _received(sent: list) -> list[tuple[str, Encoded | None]]:
+    return [(x[0], None) if len(x) == 1 else (x[0], Encoded(x[1], x[2], x[3], x[4])) for x in sent]
+
+
+def _account(owners: list[Any], results: list[tuple[str, Encoded | None]],
+             stats: TokenizeStats) -> Iterator[Encoded]:
+    """Count every result into ``stats`` and yield the kept examples."""
+    for rec, (status, ex) in zip(owners, results):
         if ex is None:
             if status == "too_long":
                 stats.dropped_too_long += 1
-            else:
+            elif status == "no_labels":
                 stats.dropped_no_labels += 1
+            else:
+                stats.error(_where(rec), status)
             continue
         stats.truncated += status == "truncated"
         stats.examples += 1
@@ -279,15 +330,15 @@ def fewer_gc_passes() -> Iterator[None]:
 
 def build_sft_examples(records: Iterable[Any], tokenizer: Any, max_len: int, template: str = "auto",
                        pack: bool = True, train_on: str = "assistant", truncation: str = "turns",
-                       ) -> tuple[list[dict[str, list[int]]], TokenizeStats]:
+                       num_proc: int = 1) -> tuple[list[dict[str, list[int]]], TokenizeStats]:
     """Conversations -> training examples (in memory), and what happened to each record.
 
     With ``pack`` the examples are packed rows (``input_ids``, ``labels``,
     ``position_ids``); otherwise one ``{input_ids, labels}`` per kept conversation.
-    Feed batches of them to :func:`collate`.
+    Feed batches of them to :func:`collate`. ``num_proc``: see :func:`iter_examples`.
     """
     stats = TokenizeStats()
-    examples = iter_examples(records, tokenizer, max_len, template, train_on, truncation, stats)
+    examples = iter_examples(records, tokenizer, max_len, template, train_on, truncation, stats, num_proc=num_proc)
     with fewer_gc_passes():
         if pack:
             out = list(pack_examples(examples, max_len, stats=stats))

@@ -260,13 +260,16 @@ def read_records(path: str | Path):
     return res.records
 
 
-def prompt_text(messages: list[dict[str, str]]) -> str:
+def prompt_text(messages: list[dict[str, Any]]) -> str:
     """A prompt as plain text (for the judge and the report): the user message alone when
-    it is the only turn, else the turns labelled by role."""
+    it is the only turn, else the turns labelled by role; an assistant turn that called a
+    tool shows its ``<tool_call>`` text (its content is None)."""
+    from chatforge.data.templates import message_as_text
+
     turns = [m for m in messages if m["role"] != "system"]
     if len(turns) == 1:
-        return turns[0]["content"]
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+        return message_as_text(turns[0])
+    return "\n\n".join(f"{m['role'].capitalize()}: {message_as_text(m)}" for m in messages)
 
 
 def load_eval_data(prompts: str | Path | None, heldout: str | Path | None, settings: EvalSettings,

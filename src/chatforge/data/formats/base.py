@@ -114,6 +114,7 @@ def with_id(meta: dict, obj: dict, *keys: str) -> dict:
     for k in keys:
         v = obj.get(k)
         if v is not None and v != "":
-            meta["id"] = v
+            # a table's id may be bytes, a timestamp, a numpy scalar: keep it as text then
+            meta["id"] = v if isinstance(v, (str, int, float, bool)) else str(v)
             break
     return meta
