@@ -14,7 +14,7 @@ import importlib
 import sys
 
 # One module per command under chatforge/commands/, in the order `--help` lists them.
-COMMANDS = ["data", "sft", "rm", "score", "dpo", "ppo", "export", "chat", "serve", "eval", "pipeline"]
+COMMANDS = ["data", "sft", "rm", "score", "dpo", "ppo", "export", "chat", "serve", "label", "eval", "pipeline"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,8 @@
 """Preference pairs tokenised for DPO: the prompt once, then the chosen and the rejected
 response, each scored up to and including its end-of-turn token.
 
-What comes in are ``Preference`` records and ``Ranking`` records (expanded to their K(K-1)/2
-pairs); what is skipped and why follows the reward model's rule (:mod:`chatforge.data.prefs`),
+What comes in are ``Preference`` records and ``Ranking`` records (expanded to their
+(better, worse) pairs: K(K-1)/2 without ties, none between tied responses); what is skipped and why follows the reward model's rule (:mod:`chatforge.data.prefs`),
 so an RM and a DPO run on one file see the same comparisons. The prompt is kept once per pair
 so that a trainer can score both answers after one copy of it
 (:mod:`chatforge.train.shared_prompt`).
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from chatforge.data.prefs import SkipReport, ordered_responses, where_of
+from chatforge.data.prefs import SkipReport, ranked_responses, where_of
 from chatforge.data.records import Preference
 from chatforge.data.tokenize import IGNORE_INDEX as IGNORE, encode_prompt_response  # IGNORE: not scored
 
@@ -47,22 +47,24 @@ class DataReport(SkipReport):
     unit: ClassVar[str] = "pairs"
 
 
-def expand_pairs(records: list, report: DataReport) -> list[Preference]:
-    """Preferences as they are, rankings as their K(K-1)/2 pairs (best first); records the
-    reward model would refuse (other kinds, empty or tied responses) are reported and
-    dropped by the same rule (:func:`chatforge.data.prefs.ordered_responses`)."""
+def expand_pairs(records: list, report: DataReport, unacceptable: str = "keep") -> list[Preference]:
+    """Preferences as they are, rankings as their (better, worse) pairs (best first; tied
+    responses make none); records the reward model would refuse (other kinds, empty or
+    contradictory responses, all tied, "all unacceptable" with ``unacceptable="drop"``) are
+    reported and dropped by the same rule (:func:`chatforge.data.prefs.ranked_responses`)."""
     pairs: list[Preference] = []
     for rec in records:
         report.records += 1
-        texts = ordered_responses(rec, report)
-        if texts is None:
+        ranked = ranked_responses(rec, report, unacceptable)
+        if ranked is None:
             continue
         if isinstance(rec, Preference):
             pairs.append(rec)
             continue
+        texts = ranked.texts
         pairs += [Preference(rec.prompt, {"role": "assistant", "content": texts[i]},
                              {"role": "assistant", "content": texts[j]}, dict(rec.meta, pair=[i, j]))
-                  for i in range(len(texts)) for j in range(i + 1, len(texts))]
+                  for i, j in ranked.ordered_pairs()]
     return pairs
 
 

@@ -9,10 +9,13 @@ the loop (budget, cadence, checkpoints, exact resume) from :mod:`chatforge.train
 and the held-out split from :mod:`chatforge.data.split` (the reward model's rule: same files,
 ``eval_fraction`` and ``seed`` -> same held-out records, written to ``split.json``).
 
-Data: ``Preference`` records, and ``Ranking`` records expanded to their K(K-1)/2 (better,
-worse) pairs, tokenised by :mod:`chatforge.data.pairs`. Pairs whose two responses are
-identical or empty (before or after truncation to ``max_len``) teach nothing and are
-reported and skipped.
+Data: ``Preference`` records, and ``Ranking`` records expanded to their (better, worse)
+pairs (``Ranking.ordered_pairs``: K(K-1)/2 without ties, none between tied responses),
+tokenised by :mod:`chatforge.data.pairs`. Pairs whose two responses are identical or empty
+(before or after truncation to ``max_len``) teach nothing and are reported and skipped. A
+ranking marked "all answers unacceptable" (``chatforge label``) is used for the order among
+the bad answers (``unacceptable=keep``, default) or skipped (``drop``), counted either way:
+the reward model's rule (:func:`chatforge.data.prefs.ranked_responses`).
 
 Sequence log-probability: ``log pi(y|x) = sum_t log pi(y_t | x, y_<t)`` over the response
 tokens and its end-of-turn (labels from ``data.tokenize.encode_prompt_response``), summed,
@@ -90,6 +93,7 @@ class DPOConfig(TrainConfig):
 
     policy: str = ""                   # alias of `model` (wins when set)
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    unacceptable: Literal["keep", "drop"] = "keep"  # rankings marked "all answers unacceptable"
     beta: float = 0.1                  # KL strength: sigmoid temperature / IPO target margin 1/(2 beta)
     label_smoothing: float = 0.0       # conservative DPO: assumed share of flipped labels (sigmoid only)
     lr: float = 0.0                    # 0 = auto: 5e-6 full fine-tuning, 5e-5 with LoRA
@@ -191,7 +195,7 @@ def load_pairs(cfg: DPOConfig, tokenizer, run: Run | None = None, log=print
     sets = []
     for recs in (records, eval_records):
         out = []
-        for pair in expand_pairs(recs, report):
+        for pair in expand_pairs(recs, report, cfg.unacceptable):
             ex = encode_pair(tokenizer, pair, cfg.max_len, cfg.template)
             if isinstance(ex, str):
                 report.skip(ex, where_of(pair.meta))

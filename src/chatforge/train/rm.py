@@ -10,8 +10,18 @@ group of 2, a ``Ranking`` of K). ``loss=pairwise`` expands every group into its 
 do. ``loss=kwise`` / ``listwise`` scores the K responses of a group in the same step, so
 each ranking counts once (InstructGPT: treating the pairs as independent samples
 over-fits, because every response then appears in K-1 samples of an epoch). Empty
-responses and identical ones (a tie) are reported and skipped; a ranking with tied ranks
-is refused. Prompts are truncated from the left to ``max_len``, responses never: a pair
+responses are dropped and contradictory ones (the same text in two places of one order)
+refuse the record, reported (:func:`chatforge.data.prefs.ranked_responses`).
+
+Ties (``Ranking.tiers``, e.g. from ``chatforge label``): tied responses make no pair --
+``pairwise`` does not expand one, ``kwise`` masks it (a tied pair contributes nothing),
+``listwise`` uses tier groups (Breslow's treatment of ties in the Cox / Plackett-Luce
+likelihood: every response of a tier is picked from the same set, itself and all responses
+of its tier or worse, so tied responses compete on equal terms and no order between them is
+assumed; without ties it is exactly Plackett-Luce). A ranking whose responses are all tied
+is skipped. ``unacceptable`` (keep | drop): a ranking marked "all answers unacceptable" is
+trained on for the order among the bad answers (keep, default) or skipped (drop); both are
+counted in the data report (under ``kept`` or ``skipped``: ``all answers unacceptable (order kept|dropped)``). Prompts are truncated from the left to ``max_len``, responses never: a pair
 whose response alone does not fit is skipped (and counted).
 
 Held-out split: by record, fixed seed (``eval_fraction``, 0.2; :mod:`chatforge.data.split`):
@@ -61,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.config import check_range
-from chatforge.data.prefs import SkipReport, ordered_responses, where_of
+from chatforge.data.prefs import SkipReport, ranked_responses, where_of
 from chatforge.data.records import write_jsonl
 from chatforge.data.split import read_records, split_indices, split_note
 from chatforge.errors import ConfigError, DataError
@@ -80,6 +90,7 @@ class RMConfig(TrainConfig):
     """Reward-model recipe; ``model`` is the backbone to start from (an SFT run, smollm2, ...)."""
 
     loss: Literal["pairwise", "kwise", "listwise"] = "pairwise"
+    unacceptable: Literal["keep", "drop"] = "keep"  # rankings marked "all answers unacceptable"
     margin: float = 0.0             # pairwise / kwise: require r_better - r_worse >= margin
     center_coef: float = 0.0        # reward centring: + coef * mean over groups of (mean reward)^2
     eval_fraction: float = 0.2      # held out by record (fixed seed) when eval_data is empty
@@ -120,40 +131,57 @@ def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: floa
     return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
 
 
-def kwise_loss(scores: torch.Tensor, mask: torch.Tensor | None = None, margin: float = 0.0) -> torch.Tensor:
-    """InstructGPT's K-wise loss: each ranking contributes the *mean* over its K(K-1)/2
-    ordered pairs of -log sigmoid(s_i - s_j - m), i ranked above j; then mean over rankings.
+def kwise_loss(scores: torch.Tensor, mask: torch.Tensor | None = None, margin: float = 0.0,
+               tiers: torch.Tensor | None = None) -> torch.Tensor:
+    """InstructGPT's K-wise loss: each ranking contributes the *mean* over its ordered pairs
+    of -log sigmoid(s_i - s_j - m), i ranked above j; then mean over rankings.
 
     ``scores`` (B, K) ordered best -> worst; ``mask`` (B, K) marks real responses (variable K,
-    padded at the end). Averaging per ranking makes every ranking weigh the same, whatever
-    its K -- the pairs of one ranking are not independent samples.
+    padded at the end); ``tiers`` (B, K) their tiers (None: strict, K(K-1)/2 pairs): a tied
+    pair is masked out, it contributes nothing. Averaging per ranking makes every ranking
+    weigh the same, whatever its K -- the pairs of one ranking are not independent samples.
     """
     b, k = scores.shape
     if mask is None:
         mask = torch.ones_like(scores, dtype=torch.bool)
     mask = mask.bool()
     diff = scores[:, :, None] - scores[:, None, :]                       # [b, i, j] = s_i - s_j
-    above = torch.ones(k, k, dtype=torch.bool, device=scores.device).triu(1)  # i < j: i ranked better
+    if tiers is None:
+        above = torch.ones(k, k, dtype=torch.bool, device=scores.device).triu(1)  # i < j: i ranked better
+    else:
+        t = tiers.to(scores.device)
+        above = t[:, :, None] < t[:, None, :]                             # [b, i, j]: i in a better tier
     valid = above & mask[:, :, None] & mask[:, None, :]
     losses = -F.logsigmoid(diff - margin) * valid
     per_ranking = losses.sum((1, 2)) / valid.sum((1, 2)).clamp(min=1)
     return per_ranking.mean()
 
 
-def listwise_loss(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def listwise_loss(scores: torch.Tensor, mask: torch.Tensor | None = None,
+                  tiers: torch.Tensor | None = None) -> torch.Tensor:
     """Plackett-Luce: mean over rankings of -log P(human order | scores).
 
     P(order) = prod_i exp(s_i) / sum_{j >= i} exp(s_j): the best response is picked from all
     K, the second from the remaining K-1, ... So -log P = sum_i (logsumexp_{j>=i} s_j - s_i).
     For K = 2 it is exactly the pairwise loss. Masked (padding) slots get a score of -1e4,
     i.e. probability 0, which keeps the suffix logsumexp finite (no NaN gradients).
+
+    With ``tiers`` (B, K) ties use tier groups (Breslow): response i is picked from every
+    response of its tier or worse, -log P = sum_i (logsumexp_{j: tier_j >= tier_i} s_j - s_i),
+    so tied responses share one pick set and no order between them is assumed. Without ties
+    that set is {j >= i}: the same loss.
     """
     if mask is None:
         mask = torch.ones_like(scores, dtype=torch.bool)
     mask = mask.bool()
     s = scores.float().masked_fill(~mask, -1e4)
-    suffix_lse = torch.logcumsumexp(s.flip(-1), -1).flip(-1)              # [b, i] = logsumexp_{j>=i} s_j
-    nll = ((suffix_lse - s) * mask).sum(-1)
+    if tiers is None:
+        pick_lse = torch.logcumsumexp(s.flip(-1), -1).flip(-1)           # [b, i] = logsumexp_{j>=i} s_j
+    else:
+        t = tiers.to(scores.device)
+        pool = (t[:, None, :] >= t[:, :, None]) & mask[:, None, :]        # [b, i, j]: j in i's pick set
+        pick_lse = s[:, None, :].masked_fill(~pool, -1e4).logsumexp(-1)   # [b, i]
+    nll = ((pick_lse - s) * mask).sum(-1)
     return nll.mean()
 
 
@@ -168,45 +196,52 @@ def centering_penalty(scores: torch.Tensor, mask: torch.Tensor | None = None) ->
     return (mean ** 2).mean()
 
 
-def rm_loss(scores: torch.Tensor, mask: torch.Tensor, cfg: RMConfig) -> torch.Tensor:
-    """The configured loss on a (B, K) score matrix (pairwise: K == 2)."""
+def rm_loss(scores: torch.Tensor, mask: torch.Tensor, cfg: RMConfig, tiers: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """The configured loss on a (B, K) score matrix (pairwise: K == 2, never tied)."""
     if cfg.loss == "pairwise":
         loss = pairwise_loss(scores[:, 0], scores[:, 1], cfg.margin)
     elif cfg.loss == "kwise":
-        loss = kwise_loss(scores, mask, cfg.margin)
+        loss = kwise_loss(scores, mask, cfg.margin, tiers)
     else:
-        loss = listwise_loss(scores, mask)
+        loss = listwise_loss(scores, mask, tiers)
     if cfg.center_coef > 0:
         loss = loss + cfg.center_coef * centering_penalty(scores, mask)
     return loss
 
 
 # ---------------------------------------------------------------- metrics
-def group_metrics(groups: Sequence[Sequence[float]]) -> dict[str, float]:
+def group_metrics(groups: Sequence[Sequence[float]], tiers: Sequence[Sequence[int] | None] | None = None
+                  ) -> dict[str, float]:
     """Accuracy and ranking agreement of rewards for groups ordered best -> worst.
 
-    Pairwise accuracy counts every (better, worse) pair (ties half); top-1 and Kendall's
-    tau-a ((concordant - discordant) / pairs) only over groups with K >= 3, where they say
-    more than the accuracy does.
+    Pairwise accuracy counts every (better, worse) pair the human order states (tied
+    responses make none; ties in *reward* count half); top-1 and Kendall's tau-a
+    ((concordant - discordant) / stated pairs) only over groups with K >= 3, where they say
+    more than the accuracy does. ``tiers``: per group its tiers, or None (a strict order).
     """
     correct = pairs = 0.0
     margins: list[float] = []
     top1: list[float] = []
     taus: list[float] = []
-    for g in groups:
-        conc = disc = 0
+    for gi, g in enumerate(groups):
+        t = (tiers[gi] if tiers is not None else None) or list(range(len(g)))
+        conc = disc = n = 0
         for i in range(len(g)):
             for j in range(i + 1, len(g)):
+                if t[i] >= t[j]:
+                    continue  # tied: no pair
+                n += 1
                 d = g[i] - g[j]
                 margins.append(d)
                 conc += d > 0
                 disc += d < 0
                 correct += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
                 pairs += 1
-        if len(g) >= 3:
-            n = len(g) * (len(g) - 1) / 2
+        if len(g) >= 3 and n:
             taus.append((conc - disc) / n)
-            top1.append(float(all(g[0] > x for x in g[1:])))
+            best = max(range(len(g)), key=g.__getitem__)  # the highest reward is in the best tier, above the rest
+            top1.append(float(t[best] == t[0] and all(g[best] > x for x, tx in zip(g, t) if tx != t[0])))
     flat = [x for g in groups for x in g]
     out: dict[str, float] = {}
     if pairs:
@@ -234,6 +269,10 @@ class Group:
     ids: list[list[int]]
     record: int          # index of the record in the read order (see split.json)
     where: str = ""
+    tiers: list[int] | None = None  # one per response (equal = tied); None: a strict order
+
+    def tier_list(self) -> list[int]:
+        return self.tiers if self.tiers is not None else list(range(len(self.ids)))
 
 
 @dataclass
@@ -245,8 +284,8 @@ class DataReport(SkipReport):
 
 
 def build_groups(records: Sequence[Any], indices: Sequence[int], tokenizer, max_len: int, template: str,
-                 report: DataReport, keep_long: bool = False) -> list[Group]:
-    """Tokenise each usable record into a :class:`Group`.
+                 report: DataReport, keep_long: bool = False, unacceptable: str = "keep") -> list[Group]:
+    """Tokenise each usable record into a :class:`Group` (rule: :func:`ranked_responses`).
 
     ``keep_long=False`` (training): a response longer than ``max_len`` skips the record.
     ``keep_long=True`` (evaluation): it is scored on its last ``max_len`` tokens, as
@@ -256,29 +295,34 @@ def build_groups(records: Sequence[Any], indices: Sequence[int], tokenizer, max_
     for i in indices:
         rec = records[i]
         report.records += 1
-        texts = ordered_responses(rec, report)
-        if texts is None:
+        ranked = ranked_responses(rec, report, unacceptable)
+        if ranked is None:
             continue
-        enc = [encode_for_reward(tokenizer, rec.prompt, t, max_len, template) for t in texts]
+        enc = [encode_for_reward(tokenizer, rec.prompt, t, max_len, template) for t in ranked.texts]
         if not keep_long and not all(fits for _, fits in enc):
             report.skip(f"response longer than max_len={max_len}", where_of(rec.meta))
             continue
         ids = [e for e, _ in enc]
-        if len({tuple(x) for x in ids}) < len(ids):
+        tier_of: dict[tuple[int, ...], int] = {}
+        if any(tier_of.setdefault(tuple(x), t) != t for x, t in zip(ids, ranked.tiers)):
             report.skip(f"identical after truncation to max_len={max_len}", where_of(rec.meta))
             continue
-        groups.append(Group(ids, i, where_of(rec.meta)))
+        strict = ranked.tiers == list(range(len(ids)))
+        groups.append(Group(ids, i, where_of(rec.meta), None if strict else ranked.tiers))
         report.groups += 1
     return groups
 
 
 def expand_to_pairs(groups: Sequence[Group]) -> list[Group]:
-    """Every (better, worse) pair of every group as its own 2-group (pairwise training)."""
+    """Every (better, worse) pair of every group as its own 2-group (pairwise training);
+    tied responses make none."""
     out = []
     for g in groups:
+        t = g.tier_list()
         for i in range(len(g.ids)):
             for j in range(i + 1, len(g.ids)):
-                out.append(Group([g.ids[i], g.ids[j]], g.record, g.where))
+                if t[i] < t[j]:
+                    out.append(Group([g.ids[i], g.ids[j]], g.record, g.where))
     return out
 
 
@@ -304,8 +348,10 @@ def load_data(cfg: RMConfig, tokenizer, run: Run | None = None, log=print
                                                 len(records), held_idx))
         write_jsonl([eval_records[i] for i in eval_idx], run.path / "heldout.jsonl")
         write_jsonl([records[i] for i in train_idx], run.path / "train.jsonl")
-    train = build_groups(records, train_idx, tokenizer, cfg.max_len, cfg.template, report)
-    held = build_groups(eval_records, eval_idx, tokenizer, cfg.max_len, cfg.template, report, keep_long=True)
+    train = build_groups(records, train_idx, tokenizer, cfg.max_len, cfg.template, report,
+                         unacceptable=cfg.unacceptable)
+    held = build_groups(eval_records, eval_idx, tokenizer, cfg.max_len, cfg.template, report, keep_long=True,
+                        unacceptable=cfg.unacceptable)
     if not train:
         raise DataError(f"{', '.join(cfg.data)}: no usable preference or ranking records "
                         f"({'; '.join(report.lines())})")
@@ -324,6 +370,7 @@ class Batch:
     slot: torch.Tensor        # flat index into (B, Kmax), in chunk order
     group_mask: torch.Tensor  # (B, Kmax) real responses
     tokens: int
+    tiers: torch.Tensor | None = None  # (B, Kmax) when some group has ties; None: every order strict
 
 
 def make_batch(groups: Sequence[Group], pad_id: int, chunk: int = 0) -> Batch:
@@ -342,7 +389,15 @@ def make_batch(groups: Sequence[Group], pad_id: int, chunk: int = 0) -> Batch:
     gmask = torch.zeros(len(groups), kmax, dtype=torch.bool)
     for gi, g in enumerate(groups):
         gmask[gi, :len(g.ids)] = True
-    return Batch(ids, masks, torch.tensor([sl for _, sl in seqs]), gmask, sum(len(s) for s, _ in seqs))
+    return Batch(ids, masks, torch.tensor([sl for _, sl in seqs]), gmask, sum(len(s) for s, _ in seqs),
+                 tier_matrix(groups, kmax))
+
+
+def tier_matrix(groups: Sequence[Group], kmax: int) -> torch.Tensor | None:
+    """(B, Kmax) tiers (padding slots: a tier of their own, masked anyway); None when no group has ties."""
+    if all(g.tiers is None for g in groups):
+        return None
+    return torch.tensor([g.tier_list() + [10**6] * (kmax - len(g.ids)) for g in groups])
 
 
 def to_matrix(flat_scores: torch.Tensor, slot: torch.Tensor, gmask: torch.Tensor) -> torch.Tensor:
@@ -366,15 +421,17 @@ def evaluate_groups(rm: RewardModel, groups: Sequence[Group], cfg: RMConfig, pad
     for g in groups:
         scores.append(flat[k:k + len(g.ids)])
         k += len(g.ids)
-    m = group_metrics(scores)
+    m = group_metrics(scores, [g.tiers for g in groups])
     kmax = max(len(g) for g in scores)
     mat = torch.tensor([s + [0.0] * (kmax - len(s)) for s in scores])
     mask = torch.tensor([[True] * len(s) + [False] * (kmax - len(s)) for s in scores])
+    tiers = tier_matrix(groups, kmax)
     if cfg.loss == "pairwise":  # the pairwise loss over each group's pairs, as in training
-        pairs = kwise_loss(mat, mask, cfg.margin) if kmax > 2 else pairwise_loss(mat[:, 0], mat[:, 1], cfg.margin)
+        pairs = (kwise_loss(mat, mask, cfg.margin, tiers) if kmax > 2 or tiers is not None
+                 else pairwise_loss(mat[:, 0], mat[:, 1], cfg.margin))
         m["loss"] = pairs.item()
     else:
-        m["loss"] = rm_loss(mat, mask, cfg).item()
+        m["loss"] = rm_loss(mat, mask, cfg, tiers).item()
     return {f"eval_{k}": v for k, v in m.items()}
 
 
@@ -443,15 +500,16 @@ def train(cfg: RMConfig, resume: bool = False, overwrite: bool = False, on_step:
         stats: dict[str, float] = {}
         tokens = 0
         for micro, ix in enumerate(seen):
-            b = make_batch([samples[i] for i in ix], pad_id, cfg.forward_chunk)
+            group = [samples[i] for i in ix]
+            b = make_batch(group, pad_id, cfg.forward_chunk)
             gmask = b.group_mask.to(acc.device)
             with acc.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext():
                 flat = model([t.to(acc.device) for t in b.input_ids], [t.to(acc.device) for t in b.attention_mask])
                 scores = to_matrix(flat.float(), b.slot, gmask)                 # (B, Kmax), best -> worst
-                loss = rm_loss(scores, gmask, cfg)
+                loss = rm_loss(scores, gmask, cfg, b.tiers)
                 acc.backward(loss / cfg.grad_accum)
             tokens += b.tokens
-            g = group_metrics([scores[i, gmask[i]].tolist() for i in range(len(ix))])
+            g = group_metrics([scores[i, gmask[i]].tolist() for i in range(len(ix))], [x.tiers for x in group])
             m = {"loss": loss.item(), "acc": g["acc"], "margin": g["margin"], "score_mean": g["score_mean"]}
             for k, v in m.items():
                 stats[k] = stats.get(k, 0.0) + v / cfg.grad_accum

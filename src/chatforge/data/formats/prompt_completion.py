@@ -11,6 +11,9 @@
   last, matching the stated ChatGPT > davinci-003 > ada-001 order. So responses are
   ``sorted(range(K), key=ranking)``. The ranking must be a permutation of 0..K-1 over
   the completions present (no ties, no missing ranks), else the record is an error.
+* ``label-candidates`` -- ``chatforge label``'s candidates file, ``{"id", "prompt": text or
+  messages, "candidates": [...]}`` -> :class:`Prompt` (the answers are not ranked yet; the
+  file is read as prompts, e.g. to sample new candidates for the same items).
 * ``ppo-prompts`` -- ``{"prompt"}`` -> :class:`Prompt` (JSON Lines or a JSON array). An
   ``input`` beside it is appended like alpaca's; other keys (a stray completion) are
   ignored since the format is prompts only.
@@ -81,6 +84,22 @@ def convert_rm(obj: Any, meta: dict) -> Ranking:
     return Ranking([msg("user", prompt)], responses, with_id(dict(meta, ranking=ranking), obj, "id"))
 
 
+def detect_candidates(d: Any) -> float:
+    ok = isinstance(d, dict) and isinstance(d.get("prompt"), (str, list)) and isinstance(d.get("candidates"), list)
+    return 3.0 if ok else 0.0
+
+
+def convert_candidates(obj: Any, meta: dict) -> Prompt:
+    if not detect_candidates(obj):
+        raise not_this(obj, "prompt/candidates")
+    prompt = obj["prompt"]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise Bad("empty 'prompt'")
+        prompt = [msg("user", prompt)]
+    return Prompt(prompt, with_id(meta, obj, "id"))
+
+
 def detect_ppo(d: Any) -> float:
     if not _has_prompt(d) or any(k in d for k in _ANSWER_KEYS[:4]):
         return 0.0
@@ -102,5 +121,7 @@ FORMATS = [
            "prompt + completion_0..K-1 + ranking (rank of each completion, 0 = best) -> Ranking best->worst"),
     Format("kochatgpt-sft", "conversation", detect_sft, convert_sft, "prompt/completion(/tokens|token)"),
     Format("gpt4all", "conversation", detect_gpt4all, convert_gpt4all, "prompt/response(/source)"),
+    Format("label-candidates", "prompt", detect_candidates, convert_candidates,
+           "chatforge label candidates: prompt + candidates (not yet ranked) -> Prompt"),
     Format("ppo-prompts", "prompt", detect_ppo, convert_ppo, "{\"prompt\"} records -> Prompt"),
 ]
