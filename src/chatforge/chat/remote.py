@@ -26,37 +26,17 @@ What differs from the local session:
 from __future__ import annotations
 
 import json
-import os
 import socket
 import urllib.error
-import urllib.parse
 import urllib.request
 
 from chatforge.chat.session import ChatSession, fit_history
+from chatforge.data.openai_client import api_key_from_env, normalise_url  # noqa: F401  (shared with data commands)
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.generate.sampling import SamplingConfig
 
 CHARS_PER_TOKEN = 3  # the history-fitting estimate (see the module docstring)
 UNSUPPORTED = ("no_repeat_ngram_size", "beams", "length_penalty")  # not in the OpenAI API
-
-
-def normalise_url(url: str) -> str:
-    """``host:8000`` / ``http://host:8000`` / ``.../v1/`` / ``.../v1/chat/completions`` -> ``http://host:8000/v1``."""
-    url = url.strip()
-    if "://" not in url:
-        url = "http://" + url
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"--url {url}: expected http(s)://HOST:PORT/v1")
-    path = parts.path.rstrip("/")
-    for tail in ("/chat/completions", "/models"):
-        if path.endswith(tail):
-            path = path[: -len(tail)]
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path or "/v1", "", ""))
-
-
-def api_key_from_env() -> str | None:
-    return os.environ.get("CHATFORGE_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
 
 
 class Client:

@@ -1,14 +1,17 @@
 """``chatforge data``: look at, convert and clean data files of any supported format.
 
     chatforge data inspect FILE... [--json] [--format F] [--tokenizer NAME] [--max-errors N]
-    chatforge data convert FILE... -o OUT.jsonl [--format F] [--on-error fail|skip]
+    chatforge data convert FILE... -o OUT.jsonl|OUT.parquet [--to jsonl|parquet] [--format F] [--on-error fail|skip]
     chatforge data clean   FILE... -o OUT.jsonl [--rejected REJ.jsonl] [--report REPORT.json]
                            [--no-RULE ...] [--min-chars N] [--max-chars N] [--max-repeat X]
     chatforge data formats
     chatforge data arith   --tier add2|mul|two_step -n N --split train|heldout [--seed S] -o OUT.jsonl
 
-Formats are detected from the content (``--format`` forces one; ``chatforge data formats``
-lists them). Records that cannot be read are reported as ``file:line: reason`` on stderr
+Inputs: JSON, JSON Lines, text, CSV / TSV, Parquet, Arrow (a ``.arrow`` file or a
+``datasets.save_to_disk`` folder), gzip/bz2/xz. Formats are detected from the content
+(``--format`` forces one; ``chatforge data formats`` lists them). ``convert --to parquet``
+writes the canonical records as a Parquet table (:mod:`chatforge.data.export`) that
+``datasets.load_dataset("parquet", ...)`` and chatforge read back. Records that cannot be read are reported as ``file:line: reason`` on stderr
 (count + first ones) and skipped, or stop the command with ``--on-error fail``. Exit code
 2 for an unknown format, an empty/unreadable/binary file, or (with ``--on-error fail``)
 a bad record.
@@ -32,6 +35,7 @@ SAMPLE_CHARS = 300  # long strings in the printed sample are cut here
 
 
 def add_parser(subparsers) -> None:
+    from chatforge.commands.data_ai import add_subcommands as add_ai_subcommands
     from chatforge.data.arith import TIERS as ARITH_TIERS
     from chatforge.data.clean import RULES
 
@@ -49,9 +53,11 @@ def add_parser(subparsers) -> None:
                    help=f"errors listed per file (default: all with --json, {SHOW_ERRORS} otherwise)")
     i.set_defaults(func=run_inspect)
 
-    c = sub.add_parser("convert", help="write canonical chatforge JSONL")
+    c = sub.add_parser("convert", help="write canonical chatforge JSONL or Parquet")
     c.add_argument("files", nargs="+", metavar="FILE")
     c.add_argument("-o", "--out", required=True, metavar="OUT.jsonl")
+    c.add_argument("--to", choices=["jsonl", "parquet"],
+                   help="output format (default: parquet for an OUT ending in .parquet, else jsonl)")
     _read_options(c)
     c.set_defaults(func=run_convert)
 
@@ -84,6 +90,7 @@ def add_parser(subparsers) -> None:
     a.add_argument("--seed", type=int, default=0, help="train split only (default 0)")
     a.add_argument("-o", "--out", required=True, metavar="OUT.jsonl")
     a.set_defaults(func=run_arith)
+    add_ai_subcommands(sub)  # synth / judge / rank: chatforge.commands.data_ai
 
 
 def _read_options(p) -> None:
@@ -121,7 +128,7 @@ def inspect_file(path: str, format: str | None = None, tokenizer: Any = None,
     File-level failures (unknown format, empty, binary ...) come back as ``"fatal"``
     with ``format``/``kind`` None instead of raising, so a directory scan never stops.
     """
-    from chatforge.data.clean import all_messages, responses
+    from chatforge.data.clean import all_messages, message_text, responses
     from chatforge.data.io import ReadError
     from chatforge.data.readers import FileStream
     from chatforge.data.records import to_dict
@@ -150,13 +157,13 @@ def inspect_file(path: str, format: str | None = None, tokenizer: Any = None,
             resp = responses(x)
             turns.append(len(msgs))
             rids = {id(m) for m in resp}
-            prompt_text = "\n".join(m["content"] for m in msgs if id(m) not in rids)
+            prompt_text = "\n".join(message_text(m) for m in msgs if id(m) not in rids)
             prompt_chars.append(len(prompt_text))
             for m in resp:
-                resp_chars.append(len(m["content"]))
+                resp_chars.append(len(message_text(m)))
             if tokenizer is not None:
                 texts_p.append(prompt_text)
-                texts_r.extend(m["content"] for m in resp)
+                texts_r.extend(message_text(m) for m in resp)
     except DataError as e:  # a file-level failure found while reading: report it like the others
         out["fatal"] = str(e)
         return out
@@ -185,7 +192,11 @@ def _print_errors(path: str, n_errors: int, errors: list, out=None) -> None:
     out = out or sys.stderr
     print(f"{path}: {n_errors} record(s) could not be read; first {min(len(errors), SHOW_ERRORS)}:", file=out)
     for e in errors[:SHOW_ERRORS]:
-        where = f"{path}:{e['line']}" if isinstance(e, dict) else e.where()
+        if isinstance(e, dict):
+            where = f"{path} row {e['row']}" if e.get("row") is not None else \
+                f"{path}:{e['line']}" if e.get("line") is not None else path
+        else:
+            where = e.where()
         reason = e["reason"] if isinstance(e, dict) else e.reason
         idx = f" [item {e['index']}]" if isinstance(e, dict) and e.get("index") is not None else ""
         print(f"  {where}{idx}: {reason}", file=out)
@@ -277,8 +288,14 @@ def _streams(args):
 def run_convert(args) -> int:
     from chatforge.data.io import ReadError
 
+    to = args.to or ("parquet" if args.out.lower().endswith(".parquet") else "jsonl")
     streams = _streams(args)
-    out = _Writer(args.out)
+    if to == "parquet":
+        from chatforge.data.export import ParquetWriter
+
+        out = ParquetWriter(args.out)
+    else:
+        out = _Writer(args.out)
     ok = False
     try:
         for s in streams:

@@ -47,6 +47,18 @@ Filter rules (scope: "responses" = assistant messages / chosen+rejected / all ra
   ``near_duplicate`` the same after lower-casing, dropping punctuation and collapsing
                      whitespace.
 
+Tool calls: the filter rules read an assistant message that calls tools as its text plus
+the calls' JSON (a call is not an empty output, two records that call different tools are
+not duplicates); tool results count as prompt text (length, duplicates), not as user
+messages. The fix rules touch text content only, never a call's arguments.
+
+Judged rule (only with a judge: ``chatforge data judge``, :mod:`chatforge.data.judge`)
+  ``judge``          a judge model graded the response to learn from below ``min_score``.
+                     Checked last, on records every other rule kept; the verdict (score,
+                     reason) goes into ``meta["judge"]`` kept or rejected; a record without a
+                     verdict (the request failed, the reply had no score) is kept and counted
+                     as ``unjudged`` with its reason.
+
 Works on every record kind: prompt-only records have no responses, so only the prompt
 rules, length and duplicates apply. Dedup keeps 64-bit hashes only (about 100 bytes a
 record), so a million records stay well under 200 MB.
@@ -55,11 +67,12 @@ record), so a million records stay well under 200 MB.
 from __future__ import annotations
 
 import functools
+import json
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from chatforge.data.records import Conversation, Message, Preference, Ranking, Record
 
@@ -262,6 +275,20 @@ def all_messages(rec: Record) -> list[Message]:
     return list(rec.prompt)
 
 
+def message_text(m: Message) -> str:
+    """What the rules read: the content, plus the JSON of any tool calls."""
+    calls = m.get("tool_calls")
+    if not calls:
+        return m["content"]
+    text = "\n".join(json.dumps(c["function"], ensure_ascii=False, sort_keys=True) for c in calls)
+    return f"{m['content']}\n{text}" if m["content"] else text
+
+
+def _text_views(msgs: list[Message]) -> dict[int, Message]:
+    """Plain {role, content} stand-ins for messages with tool calls (for the filter rules)."""
+    return {id(m): {"role": m["role"], "content": message_text(m)} for m in msgs}
+
+
 def user_messages(rec: Record) -> list[Message]:
     msgs = rec.messages if isinstance(rec, Conversation) else rec.prompt
     return [m for m in msgs if m["role"] == "user"]
@@ -304,6 +331,7 @@ class Cleaner:
     min_chars: int = 2
     max_chars: int = 16000
     max_repeat: float = 0.9
+    judge: Callable[[Record], Any] | None = None  # record -> data.judge.Verdict | None (the judge rule)
     n_in: int = field(default=0, init=False)
     rejected: Counter = field(default_factory=Counter, init=False)  # rule -> records rejected
     fixed: Counter = field(default_factory=Counter, init=False)  # rule -> records changed
@@ -316,12 +344,16 @@ class Cleaner:
 
             raise ConfigError(f"unknown cleaning rule(s) {', '.join(sorted(unknown))}; rules: {', '.join(RULES)}")
         self.on = {r: r not in self.disable for r in RULES}
+        self.scores: Counter = Counter()  # judge rule: score -> records
+        self.unjudged: Counter = Counter()  # judge rule: reason -> records kept without a verdict
         self._seen: set[int] = set()
         self._seen_norm: set[int] = set()
 
     def check(self, rec: Record) -> str | None:
         self.n_in += 1
         rule = self._check(rec)
+        if rule is None and self.judge is not None:
+            rule = self._judged(rec)
         if rule is not None:
             self.rejected[rule] += 1
         return rule
@@ -333,6 +365,8 @@ class Cleaner:
             changed = False
             for m in msgs:
                 c = m["content"]
+                if c is None:  # an assistant message that only calls tools
+                    continue
                 f = fix_controls(c)
                 if f is not c and f != c:
                     m["content"] = f
@@ -352,9 +386,13 @@ class Cleaner:
         if on["empty_prompt"] and any(not m["content"].strip() for m in users):
             return "empty_prompt"
         resp = responses(rec)
+        learned = learned_responses(rec)
+        if any(len(m) > 2 for m in msgs):  # tool calls: the rules below read text views
+            views = _text_views(msgs)
+            msgs, resp, learned = ([views[id(m)] for m in ms] for ms in (msgs, resp, learned))
+            users = [m for m in msgs if m["role"] == "user"]
         if on["empty_output"] and any(not m["content"].strip() for m in resp):
             return "empty_output"
-        learned = learned_responses(rec)
         if on["na_output"] and any(is_na(m["content"].strip()) for m in learned):
             return "na_output"
         if on["length"]:
@@ -387,8 +425,25 @@ class Cleaner:
                 self._seen.add(h)
         return None
 
+    def _judged(self, rec: Record) -> str | None:
+        """The judge rule: the verdict into ``meta["judge"]``; "judge" when it failed the record."""
+        v = self.judge(rec)
+        if v is None or v.passed is None:
+            reason = "no response to judge" if v is None else v.error or "no verdict"
+            self.unjudged[reason] += 1
+            if v is not None:
+                rec.meta = dict(rec.meta, judge=v.to_meta())
+            return None
+        rec.meta = dict(rec.meta, judge=v.to_meta())
+        self.scores[v.score] += 1
+        return None if v.passed else "judge"
+
     def report(self) -> dict[str, Any]:
         n_rej = sum(self.rejected.values())
+        judged = {} if self.judge is None else {"judge": {
+            "enabled": True, "rejected": self.rejected["judge"], "judged": sum(self.scores.values()),
+            "scores": {str(k): self.scores[k] for k in sorted(self.scores)},
+            "unjudged": sum(self.unjudged.values()), "unjudged_reasons": dict(self.unjudged)}}
         return {
             "records_in": self.n_in,
             "kept": self.n_in - n_rej,
@@ -396,7 +451,7 @@ class Cleaner:
             "rules": {
                 r: {"enabled": self.on[r], **({"fixed": self.fixed[r]} if r in FIX_RULES else {"rejected": self.rejected[r]})}
                 for r in RULES
-            },
+            } | judged,
             "settings": {"min_chars": self.min_chars, "max_chars": self.max_chars, "max_repeat": self.max_repeat},
         }
 
