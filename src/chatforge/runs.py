@@ -44,9 +44,18 @@ def peak_rss_mb() -> float:
     return ru / 1024 if sys.platform != "darwin" else ru / 2**20
 
 
+def file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 minus the umask): ``mkstemp`` makes
+    0o600 files, and a report or model card nobody else can read is a surprise."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    os.chmod(tmp, file_mode())
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
