@@ -99,7 +99,7 @@ def test_bad_judgements_are_refused_by_field(tmp_path):
     item = store.next_for("ann")["item"]
     cases = [({"order": [0, 0, 1]}, "order"), ({"order": [0, 1]}, "order"), ({"order": [0, 1, 2], "tiers": [1, 0, 0]},
              "tiers"), ({"order": [0, 1, 2], "colour": 1}, "colour"), ({"action": "rank"}, "order"),
-            ({"order": [0, 1, 2], "unacceptable": "yes"}, "unacceptable")]
+            ({"order": [0, 1, 2], "unacceptable": "yes"}, "unacceptable"), ({"order": [0.0, 1.0, 2.0]}, "order")]
     for extra, field in cases:
         with pytest.raises(ValueError) as e:
             store.submit({"annotator": "ann", "item": item, **extra})
@@ -117,6 +117,17 @@ def test_one_server_per_output_file(tmp_path):
         LabelStore(items(), tmp_path / "r.jsonl")
     store.close()
     LabelStore(items(), tmp_path / "r.jsonl").close()  # free again
+
+
+def test_answers_with_unicode_line_separators_resume(tmp_path):
+    out = tmp_path / "r.jsonl"
+    odd = [Item("q0", [msg("user", "Q?")], ["one\u2028two", "three\x85four"], [{}, {}])]
+    store = LabelStore(odd, out)
+    rank(store, "ann", order=[1, 0], demonstration="five\u2029six")
+    store.close()
+    store = LabelStore(odd, out)  # json.dumps leaves U+2028 / NEL raw: still one record a line
+    assert store.next_for("ann")["item"] is None and store.counts["ann"]["demonstrations"] == 1
+    store.close()
 
 
 def test_a_torn_last_line_is_moved_aside(tmp_path):
@@ -290,6 +301,12 @@ def test_bad_input_is_one_line_naming_the_place(tmp_path, capsys):
     cands.write_text('{"id": "x", "prompt": "q", "candidates": ["a", "b"]}\n'
                      '{"id": "x", "prompt": "q2", "candidates": ["a", "b"]}\n')
     with pytest.raises(DataError, match=r"c\.jsonl:2: item id 'x' again"):
+        read_candidates(str(cands))
+    cands.write_bytes(b'{"prompt": "q", "candidates": ["a", "b"]}\n{"prompt": "q\xff2", "candidates": ["a", "b"]}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:2: not UTF-8"):
+        read_candidates(str(cands))
+    cands.write_text('{"prompt": "q", "candidates": ["a", "b"]}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(DataError, match=r"c\.jsonl:2: JSON nested too deeply"):
         read_candidates(str(cands))
     conv = tmp_path / "conv.jsonl"
     conv.write_text('{"kind": "prompt", "prompt": [{"role": "user", "content": "a"}], "meta": {}}\n'

@@ -142,3 +142,17 @@ def test_rank_three_prompts_with_mouse_and_keyboard_then_train(page, app, tmp_pa
     train(cfg)
     summary = json.loads((tmp_path / "rm" / "summary.json").read_text())
     assert summary["train_groups"] == 3 and summary["data"]["kept"] == {"all answers unacceptable (order kept)": 1}
+
+
+def test_all_unacceptable_without_an_order_states_no_order(page, app, tmp_path):
+    page.fill("#api-key", "sekrit")
+    page.press("#api-key", "Tab")
+    page.fill("#annotator", "bob")
+    page.press("#annotator", "Tab")
+    wait_for_prompt(page, 0)
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("u")
+    page.keyboard.press("Enter")  # the shown (random) order is not a judgement
+    wait_for_prompt(page, 1)
+    (rec,) = iter_canonical(tmp_path / "rankings.jsonl")
+    assert rec.meta["unacceptable"] is True and rec.tiers == [0, 0, 0]

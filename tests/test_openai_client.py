@@ -188,6 +188,22 @@ def test_cache_with_a_broken_middle_line_names_it(tmp_path):
         ReplyCache(path)
 
 
+def test_cache_reads_back_replies_with_unicode_line_separators(tmp_path):
+    path = tmp_path / "c.jsonl"
+    reply = {"choices": [{"message": {"content": "one\u2028two\x85three\x1cfour"}}]}
+    cache = ReplyCache(path)
+    cache.put("k", "/chat/completions", body("a"), reply)
+    cache.close()
+    again = ReplyCache(path)  # raw U+2028 / NEL in the line: still one line
+    assert len(again) == 1 and again.get("k") == reply
+    again.close()
+
+
+def test_a_cache_path_that_is_a_folder_is_one_line(tmp_path):
+    with pytest.raises(DataError, match=r"cannot use it as the reply cache"):
+        ReplyCache(tmp_path)
+
+
 def test_retry_after_forms():
     assert _retry_after("3") == 3.0 and _retry_after(None) is None and _retry_after("soon") is None
     assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait

@@ -135,14 +135,20 @@ def read_candidates(path: str) -> list[Item]:
         raise DataError(f"{path}: no such file")
     items: list[Item] = []
     ids: dict[str, int] = {}
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 (invalid byte at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 item = _candidate_item(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{n}: JSON nested too deeply to read") from None
             except (RecordError, ValueError) as e:
                 raise DataError(f"{path}:{n}: {e}") from None
             if item.id in ids:
@@ -370,14 +376,16 @@ class LabelStore:
                 os.fsync(f.fileno())
             self.log(f"warning: {path}: an unfinished last line (a crash while writing) was moved to {torn}")
             data = data[:cut]
-        for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-            if not line.strip():
+        # split on "\n" only: json.dumps leaves U+2028, U+0085 ... raw in model text, and
+        # str.splitlines() would cut a record there
+        for n, raw in enumerate(data.split(b"\n"), 1):
+            if not raw.strip():
                 continue
             try:
-                d = json.loads(line)
+                d = json.loads(raw.decode("utf-8"))
                 from_dict(d)
                 self._note(d)
-            except (json.JSONDecodeError, RecordError, KeyError, TypeError, AttributeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecordError, KeyError, TypeError, AttributeError) as e:
                 raise DataError(f"{path}:{n}: not a record this app wrote ({e}); move the file or fix the line") \
                     from None
 
@@ -552,7 +560,8 @@ def _text(body: dict, key: str) -> str:
 
 def check_order(order: Any, tiers: Any, k: int) -> tuple[list[int], list[int]]:
     """The page's order (shown positions, best first) and tiers, validated; tiers renumbered 0, 1, 2..."""
-    if not isinstance(order, list) or sorted(order) != list(range(k)) or any(isinstance(x, bool) for x in order):
+    if (not isinstance(order, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in order)
+            or sorted(order) != list(range(k))):
         raise Judgement(f"order must list each of the {k} answers once (0..{k - 1}), best first", "order")
     if tiers is None:
         return order, list(range(k))

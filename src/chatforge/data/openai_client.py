@@ -140,10 +140,15 @@ class ReplyCache:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._replies: dict[str, dict] = {}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self._load()
-        self._f = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                self._load()
+            self._f = open(self.path, "a", encoding="utf-8")
+        except OSError as e:  # a folder, no permission ...: one line, before any request is paid for
+            from chatforge.errors import DataError
+
+            raise DataError(f"{self.path}: cannot use it as the reply cache ({e.strerror or e})") from None
 
     def _load(self) -> None:
         raw = self.path.read_bytes()
@@ -152,7 +157,8 @@ class ReplyCache:
             with open(self.path, "r+b") as f:
                 f.truncate(end)
             raw = raw[:end]
-        for i, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+        # "\n" only: replies keep U+2028, U+0085 ... raw (ensure_ascii=False), splitlines() would cut there
+        for i, line in enumerate(raw.decode("utf-8", "replace").split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -222,7 +222,9 @@ async function send(action) {
       return;
     }
     body.order = state.order.slice();
-    body.tiers = tiers();
+    // "all unacceptable" with the list untouched states no order among them: all tied (no pair),
+    // never the random shown order
+    body.tiers = state.touched ? tiers() : state.order.map(() => 0);
   }
   state.busy = true;
   try {
