@@ -574,3 +574,19 @@ def test_smollm2_perplexity_and_responses_are_sane(tmp_path):
     row = res.rows[0]
     assert 3 < row["ppl"] < 60 and row["kl"] is None
     assert all(len(M.words(s["response"])) >= 3 for s in res.samples)
+
+
+def test_run_files_get_the_umask_mode_not_mkstemps(tmp_path):
+    """Reports and cards are written via mkstemp + rename; they must be readable like any new file."""
+    import os
+
+    from chatforge.runs import atomic_write_text, file_mode
+
+    old = os.umask(0o027)
+    try:
+        assert file_mode() == 0o640
+        atomic_write_text(tmp_path / "report.md", "x")
+        assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    assert os.umask(old) == old  # file_mode() left the umask as it was

@@ -263,6 +263,13 @@ def test_export_card_has_the_pipeline_eval_table(tmp_path):
     assert "### sft (sft)" in card and "### dpo (dpo)" in card and card.index("### sft") < card.index("### dpo")
     assert "| sft | `sft.jsonl` | 9 | 1 | 2 |" in card
     assert "dpo/final" in card and "sft/final" in card and "ppo/final" not in card  # only this model's chain
+    # damaged run files: the card says what it could read, never a traceback
+    (root / "sft" / "config.yaml").write_text("- a list\n- not a mapping\n")
+    (root / "dpo" / "summary.json").write_text("{not json")
+    (root / "data" / "report.json").write_text("[1, 2]")
+    (root / "eval" / "eval.json").write_text("{\"rows\": 3}")
+    card = model_card(root / "dpo")
+    assert "### dpo (dpo)" in card and "could not be read" in card
 
 
 # ---------------------------------------------------------------- the Ollama template

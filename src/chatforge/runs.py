@@ -46,7 +46,15 @@ def peak_rss_mb() -> float:
 
 def file_mode() -> int:
     """The mode ``open()`` would give a new file (0o666 minus the umask): ``mkstemp`` makes
-    0o600 files, and a report or model card nobody else can read is a surprise."""
+    0o600 files, and a report or model card nobody else can read is a surprise. Linux tells
+    the umask without changing it (``/proc/self/status``); elsewhere it is set and restored,
+    a moment in which another thread's new file would get 0o666."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask

@@ -62,12 +62,21 @@ def stages(path: str | Path, limit: int = 16) -> tuple[list[Stage], str]:
     model = str(path)
     d = run_dir(path)
     while d is not None and len(chain) < limit:
-        cfg = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}
-        summ = d / "summary.json"
-        chain.append(Stage(d.name, d, cfg, json.loads(summ.read_text(encoding="utf-8")) if summ.is_file() else {}))
+        cfg = _read(d / "config.yaml", yaml.safe_load)
+        chain.append(Stage(d.name, d, cfg, _read(d / "summary.json", json.loads)))
         model = str(cfg.get("model", ""))
         d = run_dir(model) if model and Path(model).expanduser().exists() else None
     return chain[::-1], model
+
+
+def _read(path: Path, parse) -> dict:
+    """A run file as a mapping; {} when it is missing or damaged: a model card describes what
+    it can read and never stops an export."""
+    try:
+        data = parse(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def base_info(base: str) -> tuple[str | None, str | None]:
@@ -121,7 +130,7 @@ def _data_section(root: Path) -> list[str]:
     rep = root / "data" / "report.json"
     if not rep.is_file():
         return []
-    report = json.loads(rep.read_text(encoding="utf-8"))
+    report = _read(rep, json.loads)
     out = ["## Data", "", "| role | files | read | errors | rejected by cleaning |", "|---|---|---:|---:|---:|"]
     for role, r in report.items():
         if isinstance(r, dict) and "files" in r:
@@ -137,7 +146,10 @@ def _eval_section(root: Path, chain: list[Stage]) -> list[str]:
     d = root / "eval"
     if not (d / "eval.json").is_file() or not (d / "samples.jsonl").is_file():
         return []
-    result, _ = load_result(d)
+    try:
+        result, _ = load_result(d)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return ["## Evaluation", "", f"(`{root.name}/eval/eval.json` could not be read)", ""]
     names = {s.name for s in chain} | {"base"}
     result.rows = [r for r in result.rows if r.get("run") in names]
     if not result.rows:
