@@ -60,6 +60,24 @@ def lines(path: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------- the store
+def test_a_crash_between_demonstration_and_judgement_loses_neither(tmp_path):
+    """The demonstration is written first; after a crash the item is still to do, and the retry
+    stores the judgement without writing the demonstration twice."""
+    from chatforge.data.records import Conversation
+
+    out = tmp_path / "rankings.jsonl"
+    store = LabelStore(items(), out)
+    nxt = store.next_for("ann")
+    store._append(Conversation([*store.items[nxt["item"]].prompt, msg("assistant", "Mine.")],
+                               {"annotator": "ann", "source": "human", "item": nxt["item"], "time": "t"}))
+    store.close()  # the process dies here, before the ranking line
+    store = LabelStore(items(), out)
+    assert store.next_for("ann")["item"] == nxt["item"]
+    assert rank(store, "ann", order=[0, 1, 2], demonstration="Mine.")["duplicate"] is False
+    store.close()
+    assert len(lines(out)) == 1 and len(lines(sibling(out, "demos"))) == 1
+
+
 def test_judgements_become_records_and_resume(tmp_path):
     out = tmp_path / "rankings.jsonl"
     store = LabelStore(items(), out)

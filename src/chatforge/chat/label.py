@@ -338,6 +338,7 @@ class LabelStore:
         self.counts: dict[str, dict[str, int]] = {}  # annotator -> ranked/skipped/unacceptable/demos
         self.leases: dict[str, dict[str, float]] = {i: {} for i in self.order}  # item -> annotator -> expiry
         self.unknown = 0  # records for items not in this session's item list
+        self.demos: set[tuple[str, str]] = set()  # (item, annotator) with a stored demonstration
         self._lock = threading.Lock()
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._hold = self._exclusive(self.out.with_name(self.out.name + ".lock"))
@@ -404,7 +405,8 @@ class LabelStore:
         elif d["kind"] == "prompt":
             self.done[iid].setdefault(who, Done("skip"))
             c["skipped"] += 1
-        else:
+        elif (iid, who) not in self.demos:
+            self.demos.add((iid, who))
             c["demonstrations"] += 1
 
     def close(self) -> None:
@@ -489,8 +491,10 @@ class LabelStore:
             else:
                 meta["candidates"] = [dict(it.info[i], index=i) for i in shown]
                 records.append(Prompt(it.prompt, dict(meta, skipped=True)).validate())
-            if demo.strip():
-                records.append(Conversation([*it.prompt, msg("assistant", demo)], dict(meta)).validate())
+            # the demonstration first: a crash between the two lines leaves the item to do, and the page's
+            # retry writes the judgement (the demonstration, already stored, is not written twice)
+            if demo.strip() and (iid, annotator) not in self.demos:
+                records.insert(0, Conversation([*it.prompt, msg("assistant", demo)], dict(meta)).validate())
             for rec in records:
                 self._append(rec)
             self.leases[iid].pop(annotator, None)
