@@ -237,7 +237,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, on_
     model = core.prepare_model(model, cfg)
     n_train, n_total = trainable_parameters(model)
     say(f"model {cfg.model}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable"
-        f"{' (LoRA)' if cfg.lora else ''}; precision {acc.mixed_precision}")
+        f"{' (LoRA)' if cfg.lora else ''}; precision "
+        f"{'fp32' if acc.mixed_precision == 'no' else acc.mixed_precision}")  # accelerate says "no" for fp32
     model.to(acc.device)
     model.train()
 
