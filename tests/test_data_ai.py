@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -186,3 +187,26 @@ def test_rank_from_candidate_files_and_from_a_model(served, tmp_path):
     assert main(base + ["--model", "tiny", "-k", "2", "--max-new-tokens", "8", "--mode", "listwise"]) == 0
     rep = json.loads(report.read_text())
     assert rep["prompts"] == 2 and rep["client"]["sent"] + rep["client"]["cached"] <= 4  # 2 orders a prompt
+
+
+def test_rank_drops_a_prompt_whose_requests_failed_instead_of_calling_it_a_tie(tmp_path):
+    """A 400 fails one request without a retry; that prompt's ranking would be a tie nobody stated:
+    it is dropped with the reason, so a rerun can still judge it."""
+    from test_openai_client import Stub
+
+    stub = Stub(script=["400"])
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text(json.dumps({"kind": "prompt", "prompt": [msg("user", "Name a colour.")], "meta": {}}) + "\n")
+        cands = tmp_path / "cands.jsonl"
+        cands.write_text("".join(json.dumps({"instruction": "Name a colour.", "output": a}) + "\n"
+                                 for a in ("blue", "green")))
+        out, rej = tmp_path / "r.jsonl", tmp_path / "r.rej.jsonl"
+        assert main(["data", "rank", str(prompts), "--url", stub.url, "--model-name", "m", "-o", str(out),
+                     "--rejected", str(rej), "--candidates", str(cands), "-k", "2", "--concurrency", "1"]) == 0
+        assert out.read_text() == ""
+        (d,) = [json.loads(x) for x in rej.read_text().splitlines()]
+        assert d["reason"].startswith("request failed (1 of 2)")
+    finally:
+        stub.shutdown()

@@ -469,8 +469,14 @@ def run_rank(args) -> int:
     rankings, at, first, decisive, agreement = [], 0, 0, 0, []
     stamp = utc_now()
     for iid, prompt, pmeta, texts, prov, views in work:
-        texts_in = [r.text if hasattr(r, "text") else None for r in replies[at:at + len(views)]]
+        mine = replies[at:at + len(views)]
         at += len(views)
+        failed = [r for r in mine if not hasattr(r, "text")]
+        if failed:  # not a judgement: a tie made of a failed request would be data that was never said
+            dropped.append({"item": iid, "prompt": prompt, "reason": f"request failed ({len(failed)} of {len(mine)}): "
+                            f"{failed[0]}; run again: finished requests come from the cache"})
+            continue
+        texts_in = [r.text for r in mine]
         votes, parsed = R.votes_from(views, texts_in, len(texts))
         f, d = R.first_position_rate(views, parsed)
         first, decisive = first + f, decisive + d
