@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 
 from chatforge.chat.session import ChatSession, fit_history
-from chatforge.data.openai_client import api_key_from_env, normalise_url  # noqa: F401  (shared with data commands)
+from chatforge.data.openai_client import api_key_from_env, error_message, normalise_url  # noqa: F401  (shared with data commands)
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.generate.sampling import SamplingConfig
 
@@ -70,18 +70,7 @@ class Client:
             raise ChatforgeError(f"cannot reach {self.url}: {e.strerror or e}") from None
 
     def _http_error(self, e: urllib.error.HTTPError, path: str) -> str:
-        try:
-            raw = e.read(65536).decode("utf-8", "replace")
-        except OSError:
-            raw = ""
-        message = raw.strip()
-        try:
-            obj = json.loads(raw)
-            err = obj.get("error", obj) if isinstance(obj, dict) else obj
-            message = (err.get("message") or err.get("detail") or message) if isinstance(err, dict) else str(err)
-        except (json.JSONDecodeError, AttributeError):
-            pass
-        message = " ".join(str(message).split())[:300]  # one line, however the server formats it
+        message = error_message(e)
         text = f"{self.url}{path}: HTTP {e.code} {e.reason}" + (f": {message}" if message else "")
         if e.code == 401:
             text += " (give --api-key, or set CHATFORGE_API_KEY / OPENAI_API_KEY)" if not self.api_key \

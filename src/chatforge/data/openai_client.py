@@ -79,6 +79,23 @@ def request_key(path: str, body: dict) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
+def error_message(e: urllib.error.HTTPError) -> str:
+    """The server's own words for an HTTP error, on one line: OpenAI's ``{"error": {"message"}}``,
+    FastAPI's ``{"detail"}``, else the body's text (at most 300 characters)."""
+    try:
+        raw = e.read(65536).decode("utf-8", "replace")
+    except OSError:
+        raw = ""
+    message = raw.strip()
+    try:
+        obj = json.loads(raw)
+        err = obj.get("error", obj) if isinstance(obj, dict) else obj
+        message = (err.get("message") or err.get("detail") or message) if isinstance(err, dict) else str(err)
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    return " ".join(str(message).split())[:300]  # one line, however the server formats it
+
+
 class RequestFailed(ChatforgeError):
     """One request that still failed after its retries (``reason`` is one line); the run goes on."""
 
@@ -341,18 +358,7 @@ class ApiClient:
             raise _Retry(f"malformed reply: not JSON ({raw[:60]!r})") from None
 
     def _http_error(self, e: urllib.error.HTTPError, path: str) -> None:
-        try:
-            raw = e.read(65536).decode("utf-8", "replace")
-        except OSError:
-            raw = ""
-        message = raw.strip()
-        try:
-            obj = json.loads(raw)
-            err = obj.get("error", obj) if isinstance(obj, dict) else obj
-            message = (err.get("message") or err.get("detail") or message) if isinstance(err, dict) else str(err)
-        except (json.JSONDecodeError, AttributeError):
-            pass
-        message = " ".join(str(message).split())[:300]
+        message = error_message(e)
         text = f"HTTP {e.code}" + (f": {message}" if message else "")
         if e.code in RETRY_STATUS or e.code >= 500:
             raise _Retry(text, _retry_after(e.headers.get("Retry-After") if e.headers else None))
