@@ -152,6 +152,46 @@ def test_assemble_picks_the_best_by_gold_and_flags_the_refusing_checkpoint():
     assert any("learned to refuse" in w for w in res.warnings)  # the jump needs no gold judge
 
 
+def test_assemble_with_several_samples_per_prompt_groups_items_by_prompt():
+    """``samples`` > 1: win rate over every response, interval and paired items over prompts."""
+    from chatforge.eval.evaluate import EvalSettings, Target, assemble, per_prompt
+
+    n, k = 6, 4
+    base = Target("sft", "final", "/x/sft/model", 10, True, run_dir="/x/sft")
+    pol = Target("ppo", "final", "/x/ppo/model", 20, True, "/x/sft/model", run_dir="/x/ppo", start="/x/sft")
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(n)]
+
+    def gen(tag):
+        return {"nll": [], "vocab": 10, "responses": [
+            {"prompt_ids": [1], "token_ids": [2, 3], "text": f"{tag} {i}", "finish_reason": "eos", "logp": -1.0}
+            for i in range(n * k)]}
+
+    # the policy beats SFT on every sample of prompts 0-3, loses every sample of prompts 4-5
+    pol_sc = [1.0 if i // k < 4 else -1.0 for i in range(n * k)]
+    gold = {base.label: [0.0] * (n * k), pol.label: pol_sc}
+    res = assemble([base, pol], {base.label: gen("a"), pol.label: gen("b")}, {}, {}, {}, base, prompts,
+                   EvalSettings(temperature=0.7, samples=k), [], gold_scores=gold, gold="rm")
+    row = res.row("ppo/final")
+    assert row["gold_win_rate"] == pytest.approx(4 / 6) and row["n_prompts"] == n and row["n_responses"] == n * k
+    # a bootstrap over 6 prompts (not 24 responses) reaches down to where 2 or fewer of 6 prompts won
+    assert row["gold_win_lo"] <= 2 / 6 + 1e-9 and row["gold_win_hi"] == 1.0
+    # the paired mean difference of gold scores, per prompt: (4 x 1 + 2 x -1) / 6, its interval over prompts
+    assert row["gold_delta"] == pytest.approx(1 / 3) and row["gold_delta_lo"] < 1 / 3 < row["gold_delta_hi"] <= 1.0
+    assert res.row("sft/final").get("gold_delta") == 0.0
+    smp = [x for x in res.samples if x["label"] == "ppo/final"]
+    assert [(x["prompt_index"], x["sample"]) for x in smp[:5]] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    assert smp[-1]["gold_outcome"] == 0.0 and smp[0]["gold_score"] == 1.0
+    assert per_prompt([1, 0, 0, 1, 1, 1], 3) == [pytest.approx(1 / 3), 1.0] and per_prompt([1, 2], 1) == [1, 2]
+
+
+def test_samples_need_sampling():
+    from chatforge.eval.evaluate import EvalSettings
+
+    with pytest.raises(ConfigError, match="temperature > 0"):
+        EvalSettings(samples=4).validate()
+    EvalSettings(samples=4, temperature=0.7).validate()
+
+
 # ---------------------------------------------------------------- the split
 def _prefs(path: Path) -> list[tuple]:
     return [(r["meta"].get("source"), r["meta"].get("line"), r["meta"].get("id"))

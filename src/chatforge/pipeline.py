@@ -132,6 +132,7 @@ class EvalSpec:
     max_prompts: int = 16
     max_new_tokens: int = 96
     temperature: float = 0.0
+    samples: int = 1                # responses per prompt (> 1 with temperature > 0: judged as users meet it)
     seed: int = 0
     max_checkpoints: int = 0        # per run, evenly spaced, the last always; 0 = every checkpoint
     judge_url: str | None = None
@@ -145,6 +146,10 @@ class EvalSpec:
         check_range("eval.max_prompts", self.max_prompts, 1, None)
         check_range("eval.max_new_tokens", self.max_new_tokens, 1, None)
         check_range("eval.temperature", self.temperature, 0, None)
+        check_range("eval.samples", self.samples, 1, None)
+        if self.samples > 1 and self.temperature == 0:
+            raise ConfigError(f"eval.samples: {self.samples} responses per prompt need eval.temperature > 0 "
+                              f"(greedy decoding answers the same every time)")
         check_range("eval.max_checkpoints", self.max_checkpoints, 0, None)
         check_range("eval.chat_defaults_prompts", self.chat_defaults_prompts, 1, None)
         bad = [t for t in self.tasks if t not in TASKS]
@@ -544,7 +549,8 @@ def run_eval_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> No
     result = evaluate_runs(
         runs, baseline=baseline, base_model=recipe.model, prompts=str(prompts) if prompts else None,
         heldout=str(heldout) if has_heldout else None, rm=rm, out=str(root / "eval"),
-        max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=e.seed,
+        max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens, temperature=e.temperature, samples=e.samples,
+        seed=e.seed,
         max_checkpoints=e.max_checkpoints, judge_url=e.judge_url, judge_model=e.judge_model, gold=gold, log=log)
     if "arith" in e.tasks:
         run_arith_task(recipe, root, runs, log)

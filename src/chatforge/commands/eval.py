@@ -57,6 +57,9 @@ def add_parser(subparsers) -> None:
                    help="evaluate N evenly spaced checkpoints per run, the last always (default 0: all)")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="response budget (default 128; --task arith: 16)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples with --seed")
+    p.add_argument("--samples", type=int, default=1, metavar="N",
+                   help="responses per prompt (needs --temperature > 0): scores and win rates over all of them, "
+                        "intervals over prompts (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, metavar="N", help="prompts decoded together (default 8; --task arith: 32)")
     p.add_argument("--gen-dtype", choices=["auto", "fp32", "bf16"],
@@ -105,7 +108,7 @@ def run(args) -> int:
 
     settings = EvalSettings(max_prompts=args.max_prompts, max_heldout=args.max_heldout,
                             max_new_tokens=_given(args.max_new_tokens, 128), temperature=args.temperature,
-                            seed=args.seed, batch_size=_given(args.batch_size, 8), gen_dtype=args.gen_dtype or "auto")
+                            samples=args.samples, seed=args.seed, batch_size=_given(args.batch_size, 8), gen_dtype=args.gen_dtype or "auto")
     judge = Judge(args.judge_url, args.judge_model, api_key=os.environ.get("CHATFORGE_JUDGE_KEY")) \
         if args.judge_url else None
     out = Path(args.out) if args.out else default_out(list(runs.values()))
@@ -140,6 +143,8 @@ def run_task(args, runs: dict[str, str]) -> int:
               if getattr(args, k)] + (["--report"] if args.report else [])
     if args.temperature:
         unused.append("--temperature")
+    if args.samples != 1:
+        unused.append("--samples")
     if unused:
         raise ConfigError(f"--task {args.task} decodes greedily on its own problems: {', '.join(unused)} do not apply")
     settings = ArithSettings(n=500 if args.n is None else args.n, max_new_tokens=_given(args.max_new_tokens, 16),

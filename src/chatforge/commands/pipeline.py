@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
         for label, r in rows.items():
             if r.get("win_rate") is not None and not r.get("baseline") and r.get("final"):
                 gold = f", gold win rate {r['gold_win_rate']:.2f}" if r.get("gold_win_rate") is not None else ""
+                if r.get("gold_delta") is not None and r.get("gold_delta_lo") is not None:
+                    lo, hi = r["gold_delta_lo"], r["gold_delta_hi"]
+                    verdict = "better by gold" if lo > 0 else "worse by gold" if hi < 0 else "within noise"
+                    gold += f", gold score {r['gold_delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] vs SFT ({verdict})"
                 kl = r.get("kl") if r.get("kl") is not None else float("nan")
                 print(f"  {label}: RM win rate vs SFT {r['win_rate']:.2f}{gold}, KL {kl:.2f}, "
                       f"refusals {r.get('refusal_rate') or 0:.0%}")

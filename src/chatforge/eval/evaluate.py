@@ -75,6 +75,8 @@ class EvalSettings:
     max_heldout: int = 100
     max_new_tokens: int = 128
     temperature: float = 0.0       # 0 = greedy
+    samples: int = 1               # responses per prompt (> 1 needs temperature > 0): the expected judgement
+                                   # of the policy as a user meets it when sampling (Gao et al. score samples)
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
@@ -86,11 +88,15 @@ class EvalSettings:
     z: float = 2.0                 # regressions: paired difference beyond z standard errors
 
     def validate(self) -> "EvalSettings":
-        for k, lo in (("max_prompts", 1), ("max_heldout", 0), ("max_new_tokens", 1), ("batch_size", 1), ("max_len", 8)):
+        for k, lo in (("max_prompts", 1), ("max_heldout", 0), ("max_new_tokens", 1), ("batch_size", 1), ("max_len", 8),
+                      ("samples", 1)):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < lo:
                 raise ConfigError(f"{k}: must be an integer >= {lo}, got {getattr(self, k)!r}")
         if self.temperature < 0:
             raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
+        if self.samples > 1 and self.temperature == 0:
+            raise ConfigError(f"samples: {self.samples} responses per prompt need sampling: set temperature > 0 "
+                              f"(greedy decoding gives the same response every time)")
         for k in ("dtype", "gen_dtype"):
             if getattr(self, k) not in ("auto", "fp32", "bf16", "fp16"):
                 raise ConfigError(f"{k}: must be auto, fp32, bf16 or fp16, got {getattr(self, k)!r}")
@@ -345,8 +351,8 @@ def _log(msg: str) -> None:
 def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baseline: str | Path | None = None,
                   prompts: str | Path | None = None, heldout: str | Path | None = None, rm: str | Path | None = None,
                   max_prompts: int = 32, max_new_tokens: int = 128, seed: int = 0, judge: Any = None, *,
-                  base_model: str | None = None, temperature: float = 0.0, max_checkpoints: int = 0,
-                  judge_url: str | None = None,
+                  base_model: str | None = None, temperature: float = 0.0, samples: int = 1,
+                  max_checkpoints: int = 0, judge_url: str | None = None,
                   judge_model: str | None = None, out: str | Path | None = None, settings: EvalSettings | None = None,
                   gold: str | Path | None = None, log: Callable[[str], None] = _log) -> EvalResult:
     """Evaluate every checkpoint of each run (see the module docstring); writes
@@ -366,7 +372,7 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
     from chatforge.models.load import load
 
     s = settings or EvalSettings(max_prompts=max_prompts, max_new_tokens=max_new_tokens, seed=seed,
-                                 temperature=temperature)
+                                 temperature=temperature, samples=samples)
     s.validate()
     if judge is None and judge_url:
         from chatforge.eval.judge import Judge
@@ -428,6 +434,8 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
     if not convs:
         notes.append("no held-out conversations: perplexity not measured (pass --heldout FILE)")
     data_key = key_of(prompt_msgs, convs)
+    # with ``samples`` > 1 every prompt is answered that many times; items stay grouped by prompt
+    gen_msgs = [p for p in prompt_msgs for _ in range(s.samples)]
     gen_settings = {k: v for k, v in asdict(s).items() if k not in ("z",)}
     sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                               top_k=s.top_k, seed=s.seed)
@@ -447,7 +455,7 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
         model, tok = load(t.path, dtype=s.dtype, merge_adapter=True)
         model.eval()
         nll = heldout_nll(model, tok, convs, t.template, max(1, s.batch_size // 2), s.max_len) if convs else []
-        resp = generate_responses(decoding_copy(model, s.gen_dtype), tok, prompt_msgs, t.template, sampling,
+        resp = generate_responses(decoding_copy(model, s.gen_dtype), tok, gen_msgs, t.template, sampling,
                                   s.batch_size, s.max_len)
         lps = response_logprobs(model, [r["prompt_ids"] for r in resp], [r["token_ids"] for r in resp],
                                 max(1, s.batch_size // 2), s.max_len)
@@ -492,10 +500,10 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
     # ---- phase 3: reward model (loaded once) and RM win rate vs the baseline
     rm_scores: dict[str, list[float]] = {}
     if rm is not None:
-        rm_scores = _score_all(rm, targets, gen, gkeys, prompt_msgs, s, cache, notes)
+        rm_scores = _score_all(rm, targets, gen, gkeys, gen_msgs, s, cache, notes)
     gold_scores: dict[str, list[float]] = {}
     if gold_kind == "rm":  # the gold RM: loaded after the proxy is freed, cached under its own identity
-        gold_scores = _score_all(gold, targets, gen, gkeys, prompt_msgs, s, cache, notes)
+        gold_scores = _score_all(gold, targets, gen, gkeys, gen_msgs, s, cache, notes)
 
     # ---- phase 4: LLM judge
     judged: dict[str, list[tuple[float, list]]] = {}
@@ -511,7 +519,7 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
                 hit = cache.get("judge", k)
                 if hit is None:
                     res = []
-                    for pm, a, b in zip(prompt_msgs, gen[t.label]["responses"], base_resp):
+                    for pm, a, b in zip(gen_msgs, gen[t.label]["responses"], base_resp):
                         res.append((0.5, ["same", "same"]) if a["text"].strip() == b["text"].strip()
                                    else judge.compare(prompt_text(pm), a["text"], b["text"]))
                     hit = cache.put("judge", k, res)
@@ -614,6 +622,12 @@ def _score_wins(resp: list[dict], base_resp: list[dict], sc: list[float], base_s
             for a, b, x, y in zip(resp, base_resp, sc, base_sc)]
 
 
+def per_prompt(xs: Sequence[float], n: int) -> list[float]:
+    """Means over each prompt's ``n`` responses (they come grouped): the items of paired tests and
+    bootstrap intervals, since one prompt's samples are not independent of each other."""
+    return list(xs) if n <= 1 else [M.mean(xs[i:i + n]) for i in range(0, len(xs), n)]
+
+
 def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged: dict, base_target: Target | None,
              prompt_msgs: list, s: EvalSettings, notes: list[str], *, gold_scores: dict | None = None,
              gold: str | None = None, starts: Mapping[str, str] | None = None, added: Sequence[str] = ()
@@ -628,6 +642,7 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
     rows, samples = [], []
     items: dict[str, dict[str, list[float]]] = {}
     base_lab = base_target.label if base_target else None
+    per = max(1, int(getattr(s, "samples", 1)))  # responses per prompt, grouped
     for t in targets:
         g = gen[t.label]
         resp = g["responses"]
@@ -648,42 +663,49 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
             **M.degeneration(texts, [r["finish_reason"] for r in resp]),
             "loop_rate": M.mean(loops),  # words or tokens (see token_loop)
             "refusal_rate": M.refusal_rate(texts),
-            "start": starts.get(t.label), "n_prompts": len(resp),
+            "start": starts.get(t.label), "n_prompts": len(resp) // per, "n_responses": len(resp),
         }
-        it = {"nll": conv_nll, "loop": loops}
+        it = {"nll": conv_nll, "loop": per_prompt(loops, per)}
+        outcomes: dict[str, list[float]] = {}  # per response, for samples.jsonl
         for scores, pre, score_key, win_key in ((rm_scores, "", "rm", "win"), (gold_scores, "gold_", "gold", "gwin")):
             if t.label not in scores:
                 continue
             sc = scores[t.label]
             row[f"{pre or 'rm_'}score"], row[f"{pre or 'rm_'}score_std"] = M.mean(sc), M.std(sc)
-            it[score_key] = sc
+            it[score_key] = per_prompt(sc, per)
             if base_lab is not None and base_lab in scores:  # the baseline itself: all ties, 0.5
                 outc = _score_wins(resp, gen[base_lab]["responses"], sc, scores[base_lab])
                 row[f"{pre}win_rate"] = M.win_rate(outc)
-                row[f"{pre}win_lo"], row[f"{pre}win_hi"] = M.bootstrap_ci(outc, seed=s.seed)
-                it[win_key] = outc
+                row[f"{pre}win_lo"], row[f"{pre}win_hi"] = M.bootstrap_ci(per_prompt(outc, per), seed=s.seed)
+                it[win_key], outcomes[win_key] = per_prompt(outc, per), outc
+                # the paired difference in mean score, per prompt: continuous, so far more sensitive than
+                # the win rate (which counts a tiny and a large margin alike and ties identical answers)
+                d = [x - y for x, y in zip(per_prompt(sc, per), per_prompt(scores[base_lab], per))]
+                row[f"{pre or 'rm_'}delta"] = M.mean(d)
+                row[f"{pre or 'rm_'}delta_lo"], row[f"{pre or 'rm_'}delta_hi"] = M.bootstrap_ci(d, seed=s.seed)
         if t.label == base_lab and judged:
             judged[t.label] = [(0.5, ["same", "same"])] * len(resp)
         if t.label in judged:
             outc = [o for o, _ in judged[t.label]]
             row["judge_win_rate"], row["judge_win_rate_std"] = M.win_rate(outc), M.std(outc)
-            it["judge"] = outc
+            it["judge"] = per_prompt(outc, per)
         rows.append({k: _fin(v) if isinstance(v, float) else v for k, v in row.items()})
         items[t.label] = it
         for i, r in enumerate(resp):
-            smp = {"label": t.label, "run": t.run, "checkpoint": t.name, "prompt_index": i, "response": r["text"],
+            smp = {"label": t.label, "run": t.run, "checkpoint": t.name, "prompt_index": i // per, "sample": i % per,
+                   "response": r["text"],
                    "finish_reason": r["finish_reason"], "n_tokens": len(r["token_ids"]), "loop": bool(loops[i]),
                    "refusal": M.is_refusal(texts[i])}
             if t.label in kl:
                 smp["kl"] = kl[t.label][i]
-            if "rm" in it:
-                smp["rm_score"] = it["rm"][i]
+            if t.label in rm_scores:
+                smp["rm_score"] = rm_scores[t.label][i]
             if "win" in it:
-                smp["rm_outcome"] = it["win"][i]
-            if "gold" in it:
-                smp["gold_score"] = it["gold"][i]
+                smp["rm_outcome"] = outcomes["win"][i]
+            if t.label in gold_scores:
+                smp["gold_score"] = gold_scores[t.label][i]
             if "gwin" in it:
-                smp["gold_outcome"] = it["gwin"][i]
+                smp["gold_outcome"] = outcomes["gwin"][i]
             if t.label in judged:
                 smp["judge_outcome"], smp["judge_verdicts"] = judged[t.label][i]
             samples.append(smp)

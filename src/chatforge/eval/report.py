@@ -49,6 +49,7 @@ COLUMNS = [
     ("rm_score", "RM", ".3f"),
     ("win_rate", "win", ".2f"),
     ("gold_score", "gold", ".3f"),
+    ("gold_delta", "gold Δ", "+.3f"),
     ("gold_win_rate", "gold win", ".2f"),
     ("judge_win_rate", "judge", ".2f"),
     ("len_tokens", "len", ".0f"),
@@ -59,12 +60,12 @@ COLUMNS = [
     ("no_eos_rate", "no-EOS", ".0%"),
     ("refusal_rate", "refuse", ".0%"),
 ]
-WIN_INTERVALS = {"win_rate": "win", "gold_win_rate": "gold_win"}  # column -> prefix of its _lo/_hi
+WIN_INTERVALS = {"win_rate": "win", "gold_win_rate": "gold_win", "gold_delta": "gold_delta"}  # -> its _lo/_hi
 
 LEGEND = ("ppl: held-out perplexity (assistant tokens) · KL: Σ log π/π_ref over the response, to the run's "
           "starting model (a plain model: to the baseline) · RM: mean reward by the proxy RM (the one RL "
           "optimised) · win: its win rate vs the baseline (ties ½) [95% bootstrap] · gold / gold win: the same "
-          "by the gold RM, which RL never saw · judge: LLM-judge win rate (both orders) · len: response tokens · rep3: repeated "
+          "by the gold RM, which RL never saw · gold Δ: mean gold score minus the baseline's, paired by prompt [95% bootstrap over prompts] · judge: LLM-judge win rate (both orders) · len: response tokens · rep3: repeated "
           "3-gram rate · d-1/d-2: distinct-1/2 · loop: share of responses ending in a loop · no-EOS: share cut by "
           "the token budget · refuse: share opening with a refusal (\"I'm sorry\", \"I cannot\", ...) · "
           "start: the model a run began from · ★ best checkpoint of its run (by gold when there is a gold judge) · "
@@ -260,7 +261,8 @@ def table(result: EvalResult) -> tuple[list[str], list[list[str]]]:
             c = _cell(r.get(k), fmt)
             pre = WIN_INTERVALS.get(k)
             if pre and r.get(f"{pre}_lo") is not None and not r.get("baseline"):
-                c += f" [{r[f'{pre}_lo']:.2f}–{r[f'{pre}_hi']:.2f}]"
+                lo, hi = r[f"{pre}_lo"], r[f"{pre}_hi"]
+                c += f" [{lo:+.2f}, {hi:+.2f}]" if k.endswith("_delta") else f" [{lo:.2f}–{hi:.2f}]"
             cells.append(c)
         body.append(cells)
     return header, body
@@ -311,7 +313,9 @@ def side_by_side(result: EvalResult, samples: Sequence[dict[str, Any]], max_prom
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(columns, [{"prompt": text, "responses": [sample or None per column]}])."""
     cols = sample_columns(result)
-    by = {(s["label"], s["prompt_index"]): s for s in samples}
+    by: dict[tuple[str, int], dict[str, Any]] = {}
+    for s in samples:  # with several responses per prompt, the first is shown
+        by.setdefault((s["label"], s["prompt_index"]), s)
     rows = []
     for p in result.prompts[:max_prompts]:
         rows.append({"prompt": p["text"], "responses": [by.get((c["label"], p["index"])) for c in cols]})
@@ -376,8 +380,10 @@ def render_html(title: str, figures: list[tuple[str, Path]], result: EvalResult 
     if result is not None:
         h.append("<h2>Checkpoints</h2>")
         st = result.settings
+        per = st.get("samples") or 1
         h.append(f"<p class=meta>{len(result.prompts)} held-out prompts · max {_esc(st.get('max_new_tokens'))} new "
                  f"tokens · {'greedy' if not st.get('temperature') else 'temperature ' + _esc(st.get('temperature'))}"
+                 f"{f' · {per} responses per prompt (intervals over prompts)' if per > 1 else ''}"
                  f" · best by <b>{_esc(result.selection or 'nothing')}</b></p>")
         for line in best_lines(result):
             h.append(f"<p>★ {_esc(line)}</p>")
