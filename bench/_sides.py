@@ -53,9 +53,10 @@ def cpu_flags() -> dict[str, bool]:
 
 
 def fast_precision(requested: str = "auto") -> str:
-    """The precision a bench measures in: ``requested`` if given, else bf16 where this CPU
-    has native bf16 matmul (chatforge's own test, ``fast_bf16_cpu``), fp32 elsewhere: on an
-    AVX2-only CPU bf16 is emulated and several times slower than fp32."""
+    """The precision a bench measures in: ``requested`` if given, else bf16 where a bf16 matmul
+    is timed faster than fp32 on this CPU (chatforge's own test, ``fast_bf16_cpu``), fp32
+    elsewhere: on an AVX2-only CPU bf16 is emulated and several times slower than fp32, and
+    some CPUs with a bf16 flag still run it slower."""
     if requested != "auto":
         return requested
     from chatforge.models.load import fast_bf16_cpu
@@ -75,8 +76,8 @@ def precision_reason(precision: str) -> str:
     """Why this precision is (or is not) the fast one on this CPU, in a few words."""
     native = fast_precision() == "bf16"
     if precision == "bf16":
-        return "native bf16 matmul here" if native else "asked for; no native bf16 here: emulated, slow"
-    return "asked for; this CPU has native bf16" if native else "no native bf16 here: bf16 would be emulated, slower"
+        return "bf16 matmul timed faster than fp32 here" if native else "asked for; bf16 is not faster than fp32 here"
+    return "asked for; bf16 is faster here" if native else "bf16 matmul is not faster than fp32 here (timed)"
 
 
 def machine_header(precision: str | None, label: str = "precision") -> str:
