@@ -155,11 +155,21 @@ class Repl:
                 return
 
 
+def interruptible() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt even in a process started with SIGINT ignored (a
+    background job of a script, ``nohup``): in a terminal, Ctrl-C is how a user stops a reply."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run(session: ChatSession, messages: list[str] | None = None, stdin: TextIO = sys.stdin) -> None:
     """``--message`` list, else a terminal session, else one message per stdin line."""
     if messages:
         Repl(session, interactive=False).run_lines(messages)
     elif stdin.isatty():
+        interruptible()
         Repl(session, interactive=True).run_interactive()
     else:
         Repl(session, interactive=False).run_lines(stdin)
