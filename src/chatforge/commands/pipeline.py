@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from chatforge.eval.metrics import direction
     from chatforge.pipeline import final_policy, load_recipe, run_pipeline
 
     recipe, _ = load_recipe(args.recipe, args.overrides)
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
                 gold = f", gold win rate {r['gold_win_rate']:.2f}" if r.get("gold_win_rate") is not None else ""
                 if r.get("gold_delta") is not None and r.get("gold_delta_lo") is not None:
                     lo, hi = r["gold_delta_lo"], r["gold_delta_hi"]
-                    verdict = "better by gold" if lo > 0 else "worse by gold" if hi < 0 else "within noise"
+                    word = direction(lo, hi)
+                    verdict = f"{word} by gold" if word else "within noise"
                     gold += f", gold score {r['gold_delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] vs SFT ({verdict})"
                 kl = r.get("kl") if r.get("kl") is not None else float("nan")
                 print(f"  {label}: RM win rate vs SFT {r['win_rate']:.2f}{gold}, KL {kl:.2f}, "

@@ -642,7 +642,7 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
     rows, samples = [], []
     items: dict[str, dict[str, list[float]]] = {}
     base_lab = base_target.label if base_target else None
-    per = max(1, int(getattr(s, "samples", 1)))  # responses per prompt, grouped
+    per = s.samples  # responses per prompt, grouped
     for t in targets:
         g = gen[t.label]
         resp = g["responses"]
@@ -680,7 +680,7 @@ def assemble(targets: list[Target], gen: dict, kl: dict, rm_scores: dict, judged
                 it[win_key], outcomes[win_key] = per_prompt(outc, per), outc
                 # the paired difference in mean score, per prompt: continuous, so far more sensitive than
                 # the win rate (which counts a tiny and a large margin alike and ties identical answers)
-                d = [x - y for x, y in zip(per_prompt(sc, per), per_prompt(scores[base_lab], per))]
+                d = [x - y for x, y in zip(it[score_key], per_prompt(scores[base_lab], per))]
                 row[f"{pre or 'rm_'}delta"] = M.mean(d)
                 row[f"{pre or 'rm_'}delta_lo"], row[f"{pre or 'rm_'}delta_hi"] = M.bootstrap_ci(d, seed=s.seed)
         if t.label == base_lab and judged:

@@ -89,6 +89,12 @@ def bootstrap_ci(xs: Sequence[float], stat: Callable[[Sequence[float]], float] =
     return quantile(vals, alpha / 2), quantile(vals, 1 - alpha / 2)
 
 
+def direction(lo: float, hi: float) -> str | None:
+    """"better" or "worse" only when the 95 % interval [lo, hi] of a difference excludes zero, else
+    None: a report must not call noise an improvement."""
+    return "better" if lo > 0 else "worse" if hi < 0 else None
+
+
 # ---------------------------------------------------------------- checkpoints
 @dataclass(frozen=True)
 class Regression:

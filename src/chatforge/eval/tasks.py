@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from chatforge.data import arith
 from chatforge.errors import ConfigError
+from chatforge.eval import metrics as M
 
 TASKS = ("arith",)
 Z95 = 1.959963984540054
@@ -353,8 +354,7 @@ def verdict_lines(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
     for c in comparisons:
         if c.get("diff") is None:
             continue
-        word = ("better" if c["lo"] > 0 else "worse" if c["hi"] < 0
-                else "no difference shown (the interval includes 0)")
+        word = M.direction(c["lo"], c["hi"]) or "no difference shown (the interval includes 0)"
         out.append(f"arith {c['tier']}: {c['label']} vs {c['baseline']}: {c['diff']:+.3f} [{c['lo']:+.3f}, "
                    f"{c['hi']:+.3f}] on {c['n']} problems, McNemar p {c['p_value']:.2g}: {word}")
     return out

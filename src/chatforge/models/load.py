@@ -15,9 +15,9 @@ Accepted names (``resolve`` decides which):
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
-import functools
 import os
 import shutil
 import tempfile
@@ -154,7 +154,7 @@ def fast_bf16_cpu() -> bool:
     The flags alone do not say it: on an AMD EPYC with AVX512-BF16 bf16 ran ~4x fp32, on an
     Intel Xeon with AVX512-BF16 but no AMX exposed it ran at 0.6x fp32 (77 vs 130 GFLOP/s,
     1 thread), and autocast there made every training step slower. So a CPU with a bf16 flag
-    is *timed* once per process (a 1024x1024 matmul, ~0.1 s) and bf16 is used only when it is
+    is *timed* once per process (1024x1024 matmuls in both precisions, ~0.3 s) and bf16 is used only when it is
     at least 1.3x fp32. ``CHATFORGE_CPU_BF16=1|0`` decides without timing. ``ATEN_CPU_CAPABILITY=avx2``
     (or ``default``), PyTorch's own switch that keeps it off AVX-512, also means no native bf16:
     that is how a run reproduces, on an AVX-512 machine, the choices made on an AVX2-only CPU."""
