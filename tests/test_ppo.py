@@ -563,3 +563,47 @@ def test_gradient_checkpointing_keeps_the_ratio_exact(tmp_path):
     train(cfg)
     rows = _metrics(cfg.out)
     assert [r["ratio_dev0"] for r in rows] == [0.0, 0.0] and rows[1]["kl"] != 0.0
+
+
+@pytest.mark.parametrize("algo,lora", [("rloo", True), ("ppo", False)], ids=["rloo-lora", "ppo-full"])
+def test_one_update_per_step_reuses_its_forward_as_the_old_pass(tmp_path, monkeypatch, algo, lora):
+    """With ``ppo_epochs=1`` and every episode in one micro-batch the update's own forward
+    gives the old log-probs (and values): the same weights and curves as with the separate
+    no-grad pass, one forward fewer per step."""
+    from chatforge.train import ppo
+
+    over = [f"algo={algo}", f"lora={str(lora).lower()}", "max_steps=3", "ppo_epochs=1", "rollout_batch=4",
+            "batch_size=8" if algo == "rloo" else "batch_size=4", "samples_per_prompt=2" if algo == "rloo" else "samples_per_prompt=1"]
+    calls = []
+    real = ppo.fused_first_forward
+
+    def counted(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(ppo, "fused_first_forward", counted)
+    ppo.train(_cfg(tmp_path, "fused", *over))
+    assert calls == [True] * 3
+    monkeypatch.setattr(ppo, "fused_first_forward", lambda *a, **kw: None)
+    ppo.train(_cfg(tmp_path, "separate", *over))
+
+    a, b = _final_weights(tmp_path / "fused"), _final_weights(tmp_path / "separate")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    clocks = {"time", "tokens_per_s", "step_time_s", "train_min", "episodes_per_s", "time_rollout", "time_score",
+              "time_update"}
+    ra, rb = _metrics(tmp_path / "fused"), _metrics(tmp_path / "separate")
+    assert [{k: v for k, v in r.items() if k not in clocks} for r in ra] == \
+        [{k: v for k, v in r.items() if k not in clocks} for r in rb]
+    assert all(r["ratio_dev0"] == 0.0 for r in ra)
+
+
+def test_two_epochs_or_several_micro_batches_keep_the_separate_old_pass(tmp_path):
+    from chatforge.train import ppo
+
+    cfg = _cfg(tmp_path, "x", "ppo_epochs=2")
+    assert ppo.fused_first_forward(None, [], [[0, 1]], None, cfg, 0) is None
+    cfg = _cfg(tmp_path, "x", "ppo_epochs=1")
+    assert ppo.fused_first_forward(None, [], [[0, 1], [2, 3]], None, cfg, 0) is None

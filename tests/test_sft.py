@@ -317,3 +317,43 @@ def test_pipeline_recipe_sft_section(tmp_path, capsys):
     assert (cfg.lr, cfg.lora, cfg.lora_cfg.r, cfg.max_steps, cfg.model) == (1e-4, True, 8, 7, "tiny")
     assert load_config(SFTConfig, overrides=["lora=true"]).lr == 2e-4  # auto lr
     assert load_config(SFTConfig).lr == 2e-5
+
+
+# ---------------------------------------------------------------- lr schedule (train/core.py)
+def _lrs(total: int, **kw) -> list[float]:
+    import torch
+
+    from chatforge.train import core
+    from chatforge.train.sft import SFTConfig
+
+    cfg = SFTConfig(lr=1.0, **kw)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = core.build_scheduler(opt, cfg, total)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_auto_warmup_is_a_tenth_of_a_short_run_and_ten_steps_of_a_long_one():
+    from chatforge.train.core import auto_warmup
+
+    assert [auto_warmup(n) for n in (1, 6, 11, 40, 100, 5000)] == [1, 1, 1, 4, 10, 10]
+    lrs = _lrs(11)  # default warmup_steps=-1: one warm-up step, then the cosine from the peak
+    assert lrs[:2] == [1.0, 1.0] and lrs[2] < 1.0 and lrs[-1] < 0.05
+    fixed = _lrs(11, warmup_steps=10)
+    assert fixed[0] == 0.1 and fixed[9] == 1.0
+    # a budget that stops the run after 6 of its 11 steps: a fixed 10-step warm-up never left
+    # the ramp (mean lr 0.35 of the peak), the auto one spent them near the peak
+    assert sum(fixed[:6]) / 6 < 0.4 and sum(lrs[:6]) / 6 > 0.85
+    assert _lrs(5, warmup_steps=0, schedule="constant") == [1.0] * 5
+
+
+def test_warmup_below_minus_one_is_a_clear_error():
+    from chatforge.errors import ConfigError
+    from chatforge.train.sft import SFTConfig
+
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        SFTConfig(warmup_steps=-2).validate()

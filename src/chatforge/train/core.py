@@ -43,7 +43,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-5
     weight_decay: float = 0.0
-    warmup_steps: int = 10
+    warmup_steps: int = -1             # -1 = auto: 10% of the run's optimizer steps, at most 10 (auto_warmup)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_steps: int = 0                 # optimizer steps; 0 = derive from epochs
     epochs: float = 1.0
@@ -69,7 +69,7 @@ class TrainConfig:
         check_range("eval_fraction", self.eval_fraction, 0, 0.9)
         check_range("max_steps", self.max_steps, 0, None)
         check_range("epochs", self.epochs, 0, None, lo_open=True)
-        check_range("warmup_steps", self.warmup_steps, 0, None)
+        check_range("warmup_steps", self.warmup_steps, -1, None)
         check_range("grad_clip", self.grad_clip, 0, None)
         check_range("weight_decay", self.weight_decay, 0, 10)
         check_range("max_minutes", self.max_minutes, 0, None)
@@ -161,8 +161,20 @@ def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def auto_warmup(total_steps: int) -> int:
+    """Warm-up steps of ``warmup_steps=-1``: 10 % of the run, at least 1, at most 10.
+
+    A fixed 10 steps suits long runs, but the short LoRA stages of a budgeted pipeline have
+    6-11 optimizer steps: a fixed 10 spent nearly all of them below the peak lr. On the
+    demo's K-wise reward models (11 steps, SmolLM2-135M, 33 held-out pairs) 1 warm-up step
+    gave 0.76 / 0.76 held-out accuracy (proxy / gold) against 0.67 / 0.70 with 10.
+    """
+    return max(1, min(10, round(0.1 * total_steps)))
+
+
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    warm = min(cfg.warmup_steps, max(0, total_steps - 1))
+    want = auto_warmup(total_steps) if cfg.warmup_steps < 0 else cfg.warmup_steps
+    warm = min(want, max(0, total_steps - 1))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warm, total_steps, cfg.schedule))
 
 

@@ -252,10 +252,27 @@ def advantages_grpo(scores: torch.Tensor, mask: torch.Tensor, k: int, scale: boo
 def make_experience(pv: PolicyValue, ref_pv: PolicyValue, ref_context: Callable[[], ContextManager] | None,
                     episodes: list[Episode], scores: torch.Tensor, order: list[list[int]], *, pad_id: int,
                     device, autocast, algo: str, kl_coef: float, kl_estimator: str, gamma: float, lam: float,
-                    k: int, whiten_advantages: bool, grpo_scale: bool = True) -> Experience:
-    """Old log-probs / values (policy), reference log-probs, KL, advantages."""
+                    k: int, whiten_advantages: bool, grpo_scale: bool = True,
+                    first: ForwardOut | None = None) -> Experience:
+    """Old log-probs / values (policy), reference log-probs, KL, advantages.
+
+    ``first``: the update's own forward of the single micro-batch ``order[0]`` (with
+    gradients), when one update on one micro-batch is the whole step (``ppo_epochs=1``,
+    every episode in one micro-batch, as RLOO / GRPO usually run): before that update the
+    policy *is* the old policy, so its detached log-probs (and values) are the old ones,
+    and the separate no-grad policy pass is skipped (a third of the update's compute).
+    """
     use_values = algo == "ppo"
-    old_logp, old_values = teacher_forced(pv, episodes, order, pad_id, device, autocast, values=use_values)
+    if first is None:
+        old_logp, old_values = teacher_forced(pv, episodes, order, pad_id, device, autocast, values=use_values)
+    else:
+        if len(order) != 1:
+            raise ValueError("make_experience(first=...) needs exactly one micro-batch")
+        N, R = len(episodes), max(len(e.response_ids) for e in episodes)
+        old_logp, old_values = torch.zeros(N, R), (torch.zeros(N, R) if use_values else None)
+        _fill(list(order[0]), first.logp.detach(), old_logp)
+        if old_values is not None and first.values is not None:
+            _fill(list(order[0]), first.values.detach(), old_values)
     ref_logp, _ = teacher_forced(ref_pv, episodes, order, pad_id, device, autocast, values=False,
                                  ref_context=ref_context)
     mask = response_mask(episodes)

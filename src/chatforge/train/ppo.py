@@ -234,7 +234,7 @@ def rank_mean(accelerator, x: float) -> float:
 
 
 def ppo_update(pv_t, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_id: int, seed: int,
-               beta: float = 0.0) -> dict[str, float]:
+               beta: float = 0.0, first: xp.ForwardOut | None = None) -> dict[str, float]:
     """``ppo_epochs`` passes of clipped-surrogate SGD over the step's episodes (``beta``: the
     KL coefficient, used here by GRPO only; PPO / RLOO put the KL into the reward).
 
@@ -242,7 +242,8 @@ def ppo_update(pv_t, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_i
     so its backward syncs gradients. Epoch 0 walks the micro-batches in ``exp.order`` -- the
     order the old log-probs were computed in -- so the first minibatch sees ratio == 1
     exactly. The ``kl_stop`` early stop is decided on the KL of all ranks (they stop
-    together). Returns mean statistics.
+    together). ``first``: the forward of epoch 0's first micro-batch, already run by the
+    caller (:func:`fused_first_forward`). Returns mean statistics.
     """
     dev = accelerator.device
     use_values = cfg.algo == "ppo"
@@ -267,8 +268,11 @@ def ppo_update(pv_t, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_i
                 R = b.response.shape[1]
                 mask = exp.mask[rows, :R].to(dev)
                 with accelerator.no_sync(pv_t) if j < len(micros) - 1 else nullcontext():
-                    with accelerator.autocast():
-                        out = pv_t(b, values=use_values, entropy=epoch == 0)
+                    if first is not None and epoch == 0 and m0 == 0 and j == 0:
+                        out = first
+                    else:
+                        with accelerator.autocast():
+                            out = pv_t(b, values=use_values, entropy=epoch == 0)
                     old = exp.old_logp[rows, :R].to(dev)
                     pl = pm.policy_loss(out.logp, old, exp.advantages[rows, :R].to(dev), mask, cfg.clip,
                                         agg, cfg.response_len)
@@ -305,6 +309,22 @@ def ppo_update(pv_t, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_i
     out_stats["ratio_dev0"] = max(acc_stats.get("ratio_dev0", [0.0]))
     out_stats["epochs_done"] = epoch + (0 if stopped else 1)
     return out_stats
+
+
+def fused_first_forward(pv_t, episodes: list[xp.Episode], order: list[list[int]], accelerator, cfg: PPOConfig,
+                        pad_id: int) -> xp.ForwardOut | None:
+    """The update's forward, run before the experience is made, when the step is one update
+    on one micro-batch: its detached log-probs are the old ones (see
+    :func:`chatforge.train.experience.make_experience`). None otherwise.
+
+    Measured on the demo's RLOO step (16 episodes x 40 tokens, LoRA, SmolLM2-135M, 2-core
+    AMD EPYC): see docs/results/demo.md.
+    """
+    if cfg.ppo_epochs != 1 or len(order) != 1:
+        return None
+    b = xp.collate([episodes[i] for i in order[0]], pad_id).to(accelerator.device)
+    with accelerator.autocast():
+        return pv_t(b, values=cfg.algo == "ppo", entropy=True)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -513,12 +533,14 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False,
         r = rewards([e.prompt for e in episodes], [e.text for e in episodes], [e.finished for e in episodes])
         t_score = time.perf_counter() - t_step - t_gen
         order = xp.minibatches(len(episodes), cfg.batch_size, seed * 1000)
+        first = fused_first_forward(pv_t, episodes, order, acc, cfg, pad_id)
         exp = xp.make_experience(pv, ref_pv, ref_context, episodes, r.scores, order, pad_id=pad_id,
                                  device=acc.device, autocast=acc.autocast, algo=cfg.algo, kl_coef=kl_ctl.value,
                                  kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
                                  k=cfg.samples_per_prompt, whiten_advantages=cfg.whiten_advantages,
-                                 grpo_scale=cfg.grpo_variant == "grpo")
-        upd = ppo_update(pv_t, exp, opt, acc, cfg, pad_id, seed, beta=kl_ctl.value)
+                                 grpo_scale=cfg.grpo_variant == "grpo", first=first)
+        upd = ppo_update(pv_t, exp, opt, acc, cfg, pad_id, seed, beta=kl_ctl.value, first=first)
+        del first
         sched.step()
         beta = kl_ctl.value
         kl_ctl.update(rank_mean(acc, exp.stats["kl"]), len(episodes) * world)  # every rank: the same beta
