@@ -111,6 +111,42 @@ def test_budget_divides_the_wall_time_left_among_the_stages_left():
         load_recipe(TINY, ["budget.shares.nope=1"])
 
 
+def test_eval_price_counts_models_prompts_and_chat_defaults_answers():
+    from types import SimpleNamespace as NS
+
+    from chatforge.pipeline import PER_CHAT_ANSWER, PER_MODEL, eval_cost_s, expected_checkpoints
+
+    # the base model's part (done) is the unit: 3 models -> 3 x PER_MODEL parts, less the one done
+    assert eval_cost_s(20.0, 3, 24, 0) == pytest.approx(20.0 * (3 * PER_MODEL - 1))
+    # chat defaults: an answer costs PER_CHAT_ANSWER of a base answer (base part / prompts)
+    assert eval_cost_s(20.0, 1, 24, 40) - eval_cost_s(20.0, 1, 24, 0) == pytest.approx(20 / 24 * PER_CHAT_ANSWER * 40)
+    assert eval_cost_s(40.0, 3, 24, 40) == pytest.approx(2 * eval_cost_s(20.0, 3, 24, 40))  # a CPU half as fast
+    assert expected_checkpoints(NS(max_steps=16, save_every=8)) == 2
+    assert expected_checkpoints(NS(max_steps=10, save_every=4)) == 3   # 4, 8 and the final model at 10
+    assert expected_checkpoints(NS(max_steps=4, save_every=6)) == 1    # the final model only
+    assert expected_checkpoints(NS(max_steps=0, save_every=8)) == 4    # epochs: not known in steps
+
+
+@pytest.mark.slow
+def test_budget_keeps_the_priced_evaluation_back_and_reuses_its_base_part(tmp_path, capsys):
+    out = tmp_path / "priced"
+    assert main(["pipeline", str(TINY), f"out={out}", "stages=[data,sft,eval]", "budget.minutes=2",
+                 "sft.max_steps=4", "eval.chat_defaults_prompts=2"]) == 0
+    printed = capsys.readouterr().out
+    t = json.loads((out / "timings.json").read_text())
+    priced = t["budget"]["eval_priced_s"]
+    assert priced is not None and priced > 0 and "evaluation priced at" in printed
+    base_s = json.loads((out / "eval" / "price.json").read_text())["base_s"]
+    assert priced > base_s  # the sft model's part, KL and scoring are still to come
+    # the training stage divides what is left after the reserve, not the eval's share
+    assert "left for sft after" in printed
+    # the eval stage finds the base model's part in the cache: it is not evaluated twice
+    eval_log = printed[printed.index("[eval] running"):]
+    assert "eval: base:" not in eval_log and "eval: sft" in eval_log
+    rows = [json.loads(l) for l in (out / "eval" / "eval.jsonl").read_text().splitlines() if l.strip()]
+    assert {"base", "sft"} <= {r["label"].split("/")[0] for r in rows}
+
+
 @pytest.mark.slow
 def test_budget_caps_a_stage_that_would_run_longer(tmp_path, capsys):
     out = tmp_path / "b"

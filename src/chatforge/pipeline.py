@@ -177,8 +177,15 @@ class BudgetSpec:
     ``overhead`` of the part, then measured on the stages that ran (wall minus
     ``train_time_s``). A stage's own ``max_minutes``/``max_steps`` still cap it: on a fast
     CPU the recipe's step counts end the stages early and the budget is never reached; on a
-    slow one the budget cuts them. The evaluation gets what is left; its cost is the recipe's
-    ``eval`` settings (prompts x models x tokens), so keep it small in a budgeted recipe.
+    slow one the budget cuts them.
+
+    The evaluation does not shrink with the CPU's speed the way a training stage's steps do:
+    its work is fixed by the ``eval`` settings (models x prompts x tokens). So before the
+    first training stage the pipeline evaluates the base model (which the eval stage needs
+    anyway; it is cached, not repeated), prices the whole evaluation from that time
+    (:func:`eval_cost_s`), and keeps that many seconds back: the training stages divide
+    the rest by their shares. Without held-out prompts to price it on, the evaluation
+    takes ``shares.eval`` of the budget like a training stage.
     """
 
     minutes: float = 0.0                # 0 = no pipeline budget
@@ -198,6 +205,65 @@ class BudgetSpec:
 
     def weight(self, stage: str) -> float:
         return float(self.shares.get(stage, DEFAULT_SHARES[stage]))
+
+
+# The eval stage's time in units of its base model's own part (load, held-out perplexity,
+# greedy answers to the prompts, their log-probs), measured on the demo (3 models x 24
+# prompts, 64 tokens; chat defaults 5 settings x 8 prompts; 2-core AVX-512-BF16 EPYC with
+# the ISA limited to AVX2, fp32): base 20.8 s, sft 19.2 s, ppo 15.6 s (shorter answers);
+# KL, proxy and gold RM scoring ~37 s (~0.6 of a model's part per model); chat defaults
+# 28.7 s for 40 answers (~0.83 of a base answer each). Eval 122 s; priced at 107.8 s + 20.8 s.
+PER_MODEL = 1.6              # a model's own part + its share of KL and scoring, in base parts
+PER_CHAT_ANSWER = 0.83       # one chat-defaults answer, in base answers (base part / prompts)
+
+
+def eval_cost_s(base_s: float, models: int, prompts: int, chat_defaults_answers: int) -> float:
+    """Seconds the eval stage is expected to take *after* its base model's own part
+    (``base_s``, measured and cached before training), for ``models`` models evaluated (the
+    base included) on ``prompts`` prompts and ``chat_defaults_answers`` answers (candidate
+    settings x prompts; 0 when off)."""
+    return base_s * (PER_MODEL * models - 1.0) + base_s / max(1, prompts) * PER_CHAT_ANSWER * chat_defaults_answers
+
+
+def expected_checkpoints(cfg: Any) -> int:
+    """Checkpoints a training stage will leave for the evaluation (``save_every`` over
+    ``max_steps``, plus a final model off the save grid); 4 when its length is not set in steps."""
+    steps, every = int(getattr(cfg, "max_steps", 0) or 0), int(getattr(cfg, "save_every", 0) or 0)
+    if steps <= 0:
+        return 4
+    if every <= 0:
+        return 1
+    return steps // every + (1 if steps % every else 0)
+
+
+def price_eval(recipe: "Recipe", root: Path, stages: list[str], configs: dict[str, Any],
+               log: Callable[[str], None]) -> float | None:
+    """Seconds to keep back for the eval stage (see :class:`BudgetSpec`): evaluates the base
+    model's own part now, into the eval cache, and prices the rest with :func:`eval_cost_s`.
+    None when there are no prompts to price it on."""
+    from chatforge.eval.chat_defaults import CANDIDATES
+    from chatforge.eval.evaluate import measure_model
+
+    prompts, heldout = eval_inputs(root)
+    if prompts is None:
+        return None
+    price = root / "eval" / "price.json"
+    secs, n = measure_model(recipe.model, prompts, heldout, root / "eval", eval_settings(recipe))
+    if secs is None:  # cached by an earlier attempt of this pipeline: its measured time
+        try:
+            secs = float(json.loads(price.read_text(encoding="utf-8"))["base_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    else:
+        price.write_text(json.dumps({"base_s": round(secs, 2), "prompts": n}) + "\n")
+    e = recipe.eval
+    models = 1 + sum(e.max_checkpoints or expected_checkpoints(configs[s]) for s in ("sft", "ppo", "dpo")
+                     if s in stages and s in configs)
+    answers = len(CANDIDATES) * min(e.chat_defaults_prompts, n) if e.chat_defaults else 0
+    cost = eval_cost_s(secs, models, n, answers)
+    log(f"  budget: evaluation priced at {cost:.0f} s ({models} models x {n} prompts + {answers} chat-defaults "
+        f"answers; the base model's part took {secs:.0f} s and is done), kept back from the training stages")
+    return cost
 
 
 def allot_minutes(budget: BudgetSpec, stage: str, left: list[str], wall_left_s: float, overhead: float) -> float:
@@ -456,6 +522,9 @@ def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[s
     timings: dict[str, float] = {}
     budget, allotted, overheads = recipe.budget, {}, []
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # the evaluation's seconds, kept back from the training stages (priced once, before the first)
+    reserve: float | None = None
+    price = bool(budget.minutes) and "eval" in stages and not distributed and not (root / "eval" / "DONE").exists()
     for stage in stages:
         folder = root / stage
         if distributed and stage in ("data", "eval") and not (folder / "DONE").exists():
@@ -467,6 +536,10 @@ def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[s
         if stage == "gold" and recipe.gold_rm is None:
             log("[gold] no gold RM in the recipe (gold: section with judge rm); skipped")
             continue
+        if price and stage not in ("data", "eval"):
+            price, tp = False, time.time()
+            reserve = price_eval(recipe, root, stages, configs, log)
+            timings["eval_price"] = round(time.time() - tp, 1)
         log(f"[{stage}] running -> {folder}")
         ts = time.time()
         if stage == "data":
@@ -476,8 +549,10 @@ def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[s
         else:
             cfg = configs[stage]
             if budget.minutes:
-                allotted[stage] = budget_stage(budget, cfg, stage, stages[stages.index(stage):],
-                                               budget.minutes * 60 - (ts - t0), overheads, log)
+                left, wall_left = stages[stages.index(stage):], budget.minutes * 60 - (ts - t0)
+                if reserve is not None:
+                    left, wall_left = [s for s in left if s != "eval"], wall_left - reserve
+                allotted[stage] = budget_stage(budget, cfg, stage, left, wall_left, overheads, log, reserve)
             _train(stage, cfg)
             share = outside_loop_share(folder, time.time() - ts)
             if share is not None:
@@ -488,6 +563,7 @@ def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[s
     record: dict[str, Any] = {"stages_s": timings, "total_s": total}
     if budget.minutes:
         record["budget"] = {"minutes": budget.minutes, "allotted_loop_minutes": allotted,
+                            "eval_priced_s": None if reserve is None else round(reserve, 1),
                             "within": total <= budget.minutes * 60}
         log(f"pipeline: {total / 60:.1f} min of a {budget.minutes:g}-minute budget")
     (root / "timings.json").write_text(json.dumps(record, indent=2))
@@ -495,15 +571,17 @@ def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[s
 
 
 def budget_stage(budget: BudgetSpec, cfg, stage: str, left: list[str], wall_left_s: float, overheads: list[float],
-                 log: Callable[[str], None]) -> float:
-    """Cap ``cfg.max_minutes`` at the stage's part of the pipeline budget; returns the part."""
+                 log: Callable[[str], None], kept_s: float | None = None) -> float:
+    """Cap ``cfg.max_minutes`` at the stage's part of the pipeline budget; returns the part.
+    ``kept_s``: seconds already kept back for the evaluation (not in ``wall_left_s``)."""
     overhead = sum(overheads) / len(overheads) if overheads else budget.overhead
     minutes = allot_minutes(budget, stage, left, wall_left_s, min(overhead, 0.9))
     own = cfg.max_minutes
     if not own or minutes < own:
         cfg.max_minutes = minutes
     log(f"  budget: {cfg.max_minutes:g} min of training for {stage} ({wall_left_s / 60:.1f} min of the pipeline "
-        f"budget left for {', '.join(left)}; expected {overhead:.0%} outside the loop)")
+        f"budget left for {', '.join(left)}{'' if kept_s is None else f' after {kept_s:.0f} s kept for eval'}; "
+        f"expected {overhead:.0%} outside the loop)")
     return cfg.max_minutes
 
 
@@ -525,6 +603,26 @@ def final_policy(root: Path) -> Path | None:
     return None
 
 
+def eval_inputs(root: Path) -> tuple[str | None, str | None]:
+    """(prompts, held-out conversations) of the eval stage: the held-out conversations for
+    both, else the arithmetic problems as prompts (no perplexity); Nones when neither exists."""
+    heldout = root / "data" / "heldout.jsonl"
+    if heldout.exists() and heldout.stat().st_size > 0:
+        return str(heldout), str(heldout)
+    arith_heldout = root / "data" / "arith_heldout.jsonl"
+    return (str(arith_heldout) if arith_heldout.exists() else None), None
+
+
+def eval_settings(recipe: Recipe):
+    """The :class:`~chatforge.eval.evaluate.EvalSettings` of the recipe's ``eval`` section
+    (one place, so the budget's pricing and the eval stage measure the same thing)."""
+    from chatforge.eval.evaluate import EvalSettings
+
+    e = recipe.eval
+    return EvalSettings(max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
+                        samples=e.samples, seed=e.seed)
+
+
 def run_eval_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> None:
     from chatforge.eval.evaluate import evaluate_runs
     from chatforge.eval.report import write_report
@@ -540,22 +638,16 @@ def run_eval_stage(recipe: Recipe, root: Path, log: Callable[[str], None]) -> No
     elif recipe.gold is not None:
         gold = "judge"
     baseline = str(root / "sft") if (root / "sft" / "model").is_dir() else recipe.model
-    heldout = root / "data" / "heldout.jsonl"
-    has_heldout = heldout.exists() and heldout.stat().st_size > 0
-    arith_heldout = root / "data" / "arith_heldout.jsonl"
-    # prompts for the degeneration / KL figures: the held-out conversations', else the arithmetic problems
-    prompts = heldout if has_heldout else arith_heldout if arith_heldout.exists() else None
+    prompts, heldout = eval_inputs(root)
     e = recipe.eval
     result = evaluate_runs(
-        runs, baseline=baseline, base_model=recipe.model, prompts=str(prompts) if prompts else None,
-        heldout=str(heldout) if has_heldout else None, rm=rm, out=str(root / "eval"),
-        max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens, temperature=e.temperature, samples=e.samples,
-        seed=e.seed,
-        max_checkpoints=e.max_checkpoints, judge_url=e.judge_url, judge_model=e.judge_model, gold=gold, log=log)
+        runs, baseline=baseline, base_model=recipe.model, prompts=prompts, heldout=heldout, rm=rm,
+        out=str(root / "eval"), settings=eval_settings(recipe), max_checkpoints=e.max_checkpoints,
+        judge_url=e.judge_url, judge_model=e.judge_model, gold=gold, log=log)
     if "arith" in e.tasks:
         run_arith_task(recipe, root, runs, log)
     if e.chat_defaults and prompts is not None:
-        pick_chat_defaults(recipe, root, result, str(prompts), gold if gold != "judge" else None, rm, log)
+        pick_chat_defaults(recipe, root, result, prompts, gold if gold != "judge" else None, rm, log)
     stages = {("gold-rm" if s == "gold" else s): str(root / s) for s in TRAINED if (root / s).is_dir()}
     write_report(root, stages, result)
     (root / "eval" / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))

@@ -61,7 +61,7 @@ def add_parser(subparsers) -> None:
                    help="responses per prompt (needs --temperature > 0): scores and win rates over all of them, "
                         "intervals over prompts (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, metavar="N", help="prompts decoded together (default 8; --task arith: 32)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="prompts decoded together (default 32, also for --task arith)")
     p.add_argument("--gen-dtype", choices=["auto", "fp32", "bf16"],
                    help="weights for decoding (default auto: bf16 on CPUs with native bf16; perplexity and KL stay "
                         "fp32; --task arith: fp32, so figures do not depend on the CPU)")
@@ -108,7 +108,8 @@ def run(args) -> int:
 
     settings = EvalSettings(max_prompts=args.max_prompts, max_heldout=args.max_heldout,
                             max_new_tokens=_given(args.max_new_tokens, 128), temperature=args.temperature,
-                            samples=args.samples, seed=args.seed, batch_size=_given(args.batch_size, 8), gen_dtype=args.gen_dtype or "auto")
+                            samples=args.samples, seed=args.seed, gen_batch_size=_given(args.batch_size, 32),
+                            gen_dtype=args.gen_dtype or "auto")
     judge = Judge(args.judge_url, args.judge_model, api_key=os.environ.get("CHATFORGE_JUDGE_KEY")) \
         if args.judge_url else None
     out = Path(args.out) if args.out else default_out(list(runs.values()))
