@@ -24,6 +24,14 @@ def test_a_higher_score_never_buys_more_degeneration():
     assert choose([_row(None, 0.2, 0.0), _row(None, 0.0, 0.1), _row(None, 0.1, 0.0)]) == 1
 
 
+def test_a_choice_is_made_when_no_setting_is_near_the_best_on_both_rates():
+    # the one that loops least is cut off most and the reverse (seen on a 2-step SFT model):
+    # the choice falls to the lowest loop + no-EOS rate together, then the score
+    rows = [_row(2.0, 0.0, 0.6), _row(1.0, 0.45, 0.0), _row(1.5, 0.25, 0.25), _row(1.9, 0.3, 0.3)]
+    assert choose(rows, slack=0.1) == 2
+    assert choose([_row(None, 0.0, 0.5), _row(None, 0.4, 0.0)], slack=0.05) == 1
+
+
 def test_run_defaults_are_found_from_the_run_its_checkpoints_and_model_folder(tmp_path):
     run = tmp_path / "ppo"
     (run / "model").mkdir(parents=True)

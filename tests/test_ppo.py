@@ -565,14 +565,15 @@ def test_gradient_checkpointing_keeps_the_ratio_exact(tmp_path):
     assert [r["ratio_dev0"] for r in rows] == [0.0, 0.0] and rows[1]["kl"] != 0.0
 
 
-@pytest.mark.parametrize("algo,lora", [("rloo", True), ("ppo", False)], ids=["rloo-lora", "ppo-full"])
-def test_one_update_per_step_reuses_its_forward_as_the_old_pass(tmp_path, monkeypatch, algo, lora):
-    """With ``ppo_epochs=1`` and every episode in one micro-batch the update's own forward
-    gives the old log-probs (and values): the same weights and curves as with the separate
-    no-grad pass, one forward fewer per step."""
+@pytest.mark.parametrize("algo,lora,epochs", [("rloo", True, 1), ("ppo", False, 1), ("ppo", True, 2)],
+                         ids=["rloo-lora", "ppo-full", "ppo-lora-2-epochs"])
+def test_one_micro_batch_per_step_reuses_its_first_forward_as_the_old_pass(tmp_path, monkeypatch, algo, lora, epochs):
+    """With every episode in one micro-batch the update's first forward gives the old
+    log-probs (and values), for one PPO epoch or several: the same weights and curves as
+    with the separate no-grad pass, one forward fewer per step."""
     from chatforge.train import ppo
 
-    over = [f"algo={algo}", f"lora={str(lora).lower()}", "max_steps=3", "ppo_epochs=1", "rollout_batch=4",
+    over = [f"algo={algo}", f"lora={str(lora).lower()}", "max_steps=3", f"ppo_epochs={epochs}", "rollout_batch=4",
             "batch_size=8" if algo == "rloo" else "batch_size=4", "samples_per_prompt=2" if algo == "rloo" else "samples_per_prompt=1"]
     calls = []
     real = ppo.fused_first_forward
@@ -600,10 +601,9 @@ def test_one_update_per_step_reuses_its_forward_as_the_old_pass(tmp_path, monkey
     assert all(r["ratio_dev0"] == 0.0 for r in ra)
 
 
-def test_two_epochs_or_several_micro_batches_keep_the_separate_old_pass(tmp_path):
+def test_several_micro_batches_keep_the_separate_old_pass(tmp_path):
     from chatforge.train import ppo
 
-    cfg = _cfg(tmp_path, "x", "ppo_epochs=2")
-    assert ppo.fused_first_forward(None, [], [[0, 1]], None, cfg, 0) is None
-    cfg = _cfg(tmp_path, "x", "ppo_epochs=1")
-    assert ppo.fused_first_forward(None, [], [[0, 1], [2, 3]], None, cfg, 0) is None
+    for epochs in (1, 2):
+        cfg = _cfg(tmp_path, "x", f"ppo_epochs={epochs}")
+        assert ppo.fused_first_forward(None, [], [[0, 1], [2, 3]], None, cfg, 0) is None

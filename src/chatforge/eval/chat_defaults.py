@@ -9,7 +9,9 @@ model, else none), measures loops and replies cut off without an end of turn, an
 
 1. among candidates whose loop rate and missing-end-of-turn rate are each within
    ``slack`` of the best candidate's (a setting that degenerates more is never chosen for
-   a higher score: reward models are known to pay for rambling),
+   a higher score: reward models are known to pay for rambling); when none is near the
+   best on both, among those whose loop + missing-end-of-turn rate is within ``slack`` of
+   the lowest,
 2. the one with the highest mean judge score (without a judge: the lowest loop + no-EOS
    rate, ties to the earlier candidate).
 
@@ -46,6 +48,10 @@ def choose(rows: Sequence[dict[str, Any]], slack: float = 0.1) -> int:
     best_loop = min(r["loop_rate"] for r in rows)
     best_eos = min(r["no_eos_rate"] for r in rows)
     ok = [i for i, r in enumerate(rows) if r["loop_rate"] <= best_loop + slack and r["no_eos_rate"] <= best_eos + slack]
+    if not ok:  # no setting is near the best on both (one loops least, another ends its turns most): the
+        # settings nearest the best on the two together
+        both = [r["loop_rate"] + r["no_eos_rate"] for r in rows]
+        ok = [i for i, b in enumerate(both) if b <= min(both) + slack]
     if all(r.get("score") is not None for r in rows):
         return max(ok, key=lambda i: (rows[i]["score"], -i))
     return min(ok, key=lambda i: (rows[i]["loop_rate"] + rows[i]["no_eos_rate"], i))

@@ -256,11 +256,11 @@ def make_experience(pv: PolicyValue, ref_pv: PolicyValue, ref_context: Callable[
                     first: ForwardOut | None = None) -> Experience:
     """Old log-probs / values (policy), reference log-probs, KL, advantages.
 
-    ``first``: the update's own forward of the single micro-batch ``order[0]`` (with
-    gradients), when one update on one micro-batch is the whole step (``ppo_epochs=1``,
-    every episode in one micro-batch, as RLOO / GRPO usually run): before that update the
-    policy *is* the old policy, so its detached log-probs (and values) are the old ones,
-    and the separate no-grad policy pass is skipped (~10 % of the demo's RLOO update time).
+    ``first``: the update's own first forward of the single micro-batch ``order[0]`` (with
+    gradients), when every episode of the step is in one micro-batch (the demo's RLOO, the
+    PPO bench): before the first update the policy *is* the old policy, so its detached
+    log-probs (and values) are the old ones, and the separate no-grad policy pass is
+    skipped (~10 % of the demo's RLOO update time).
     """
     use_values = algo == "ppo"
     if first is None:

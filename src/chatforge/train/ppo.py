@@ -313,14 +313,17 @@ def ppo_update(pv_t, exp: xp.Experience, opt, accelerator, cfg: PPOConfig, pad_i
 
 def fused_first_forward(pv_t, episodes: list[xp.Episode], order: list[list[int]], accelerator, cfg: PPOConfig,
                         pad_id: int) -> xp.ForwardOut | None:
-    """The update's forward, run before the experience is made, when the step is one update
-    on one micro-batch: its detached log-probs are the old ones (see
-    :func:`chatforge.train.experience.make_experience`). None otherwise.
+    """The update's first forward, run before the experience is made, when every episode of
+    the step is in one micro-batch: before the first optimizer step the policy *is* the old
+    policy, so that forward's detached log-probs (and values) are the old ones (see
+    :func:`chatforge.train.experience.make_experience`); later epochs run their own
+    forwards. None with several micro-batches (the old pass must cover all of them before
+    the first optimizer step).
 
     Measured on the demo's RLOO step (16 episodes x 40 tokens, LoRA, SmolLM2-135M, 2-core
     AMD EPYC, bf16): the update part 10.2-12.6 s -> 9.1-11.3 s (docs/results/demo.md).
     """
-    if cfg.ppo_epochs != 1 or len(order) != 1:
+    if len(order) != 1:
         return None
     b = xp.collate([episodes[i] for i in order[0]], pad_id).to(accelerator.device)
     with accelerator.autocast():
