@@ -357,3 +357,22 @@ def test_warmup_below_minus_one_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="warmup_steps"):
         SFTConfig(warmup_steps=-2).validate()
+
+
+@pytest.mark.parametrize("step_s,budget_s,steps", [(1.0, 3.2, 3), (1.0, 3.6, 4), (1.0, 0.2, 1), (0.0, 1.0, 10)])
+def test_the_budget_stops_the_loop_within_half_a_step_of_it(step_s, budget_s, steps):
+    """A 1 s step and a 3.2 s budget: 3 steps (0.2 s under), not 4 (0.8 s over); 3.6 s: 4
+    (0.4 over, nearer than 0.6 under); the first step always runs; no time, no stop."""
+    from types import SimpleNamespace as NS
+
+    from chatforge.train.loop import Loop
+
+    clock = [0.0]
+    cfg = NS(max_minutes=budget_s / 60, eval_at_start=False, log_every=1000, eval_every=1000, save_every=1000,
+             budget_clock="wall")
+    acc = NS(num_processes=1, is_main_process=True, print=lambda *a: None, device=torch.device("cpu"))
+    loop = Loop(acc, NS(log=lambda *a, **k: None), cfg, 10, "t", saver=None)
+    loop._clock = lambda: clock[0]
+    for _ in loop:
+        clock[0] += step_s
+    assert loop.step == steps and loop.stopped_early == (steps < 10)

@@ -208,13 +208,14 @@ class BudgetSpec:
 
 
 # The eval stage's time in units of its base model's own part (load, held-out perplexity,
-# greedy answers to the prompts, their log-probs), measured on the demo (3 models x 24
-# prompts, 64 tokens; chat defaults 5 settings x 8 prompts; 2-core AVX-512-BF16 EPYC with
-# the ISA limited to AVX2, fp32): base 20.8 s, sft 19.2 s, ppo 15.6 s (shorter answers);
-# KL, proxy and gold RM scoring ~37 s (~0.6 of a model's part per model); chat defaults
-# 28.7 s for 40 answers (~0.83 of a base answer each). Eval 122 s; priced at 107.8 s + 20.8 s.
-PER_MODEL = 1.6              # a model's own part + its share of KL and scoring, in base parts
-PER_CHAT_ANSWER = 0.83       # one chat-defaults answer, in base answers (base part / prompts)
+# greedy answers to the prompts, their log-probs; timed warm, :func:`measure_model`),
+# measured on three demo runs (3 models x 24 prompts, 64 tokens; chat defaults 5 settings x 8
+# prompts) on a 2-core AMD EPYC, natively (bf16) and with the ISA limited to AVX2 (fp32):
+# another model's own part 0.84-1.12 units; KL, proxy and gold RM scoring (fp32) 0.59-0.95
+# units per model; a chat-defaults answer 0.65-1.18 of a base answer (unit / prompts).
+# Eval 101-133 s; priced within ~15 %.
+PER_MODEL = 1.8              # a model's own part + its share of KL and scoring, in base parts
+PER_CHAT_ANSWER = 0.9        # one chat-defaults answer, in base answers (base part / prompts)
 
 
 def eval_cost_s(base_s: float, models: int, prompts: int, chat_defaults_answers: int) -> float:

@@ -21,6 +21,10 @@ What it guarantees:
   got the same compute; ``budget_clock=cpu`` counts this process's CPU time divided by its
   threads instead of wall time (the same compute however busy a shared machine is). The time
   is kept in the checkpoint: a resumed run continues the budget, it does not restart it.
+  The loop stops after the step that brings it within half a step of the budget (judged by
+  the step just taken), so a run ends as near its budget as its step allows, under or
+  over, instead of always up to one step over: a pipeline's stages keep to their parts
+  (on a slow CPU one step can be a third of a stage's part).
 * **Ranks agree**: the out-of-time decision is reduced across ranks (max) every step, so all
   ranks stop after the same step; logged metrics are averaged over ranks (tokens summed).
 * **Checkpoints are accelerate's** (``accelerator.save_state``): model, optimizer, scheduler
@@ -268,10 +272,11 @@ class Loop:
             c0, w0 = self._clock(), time.perf_counter()
             yield self.step + 1
             self.step += 1
-            self.train_s += self._clock() - c0
+            step_s = self._clock() - c0
+            self.train_s += step_s
             self._window_s += time.perf_counter() - w0
             bar.update(1)
-            out_of_time = self._agree(self.train_s > self.budget_s)
+            out_of_time = self._agree(self.train_s + 0.5 * step_s > self.budget_s)
             last = self.step == self.total or out_of_time
             if self.step % self.cfg.log_every == 0 or last:
                 row = self.flush()
@@ -283,8 +288,8 @@ class Loop:
             if self.on_step is not None:
                 self.on_step(self.step)
             if out_of_time and self.step < self.total:
-                self.acc.print(f"max_minutes={self.cfg.max_minutes} of training reached at step "
-                               f"{self.step}/{self.total}; stopping")
+                self.acc.print(f"max_minutes={self.cfg.max_minutes}: {self.train_s / 60:.2f} min of training "
+                               f"at step {self.step}/{self.total}, within half a step of the budget; stopping")
                 self.stopped_early = True
                 break
         bar.close()
