@@ -94,9 +94,12 @@ def dry_run(recipe, only) -> int:
         print(f"  {name}: model {cfg.model}{extra}, max_steps {cfg.max_steps}, max_minutes {cfg.max_minutes}")
     if recipe.budget.minutes:
         b = recipe.budget
-        parts = ", ".join(f"{s} {b.weight(s):g}" for s in stages)
-        print(f"  budget: {b.minutes:g} min wall for the whole pipeline, divided by weight ({parts}) among the "
-              f"stages still to run; each training stage's max_minutes is capped at its part")
+        priced = "eval" in stages
+        parts = ", ".join(f"{s} {b.weight(s):g}" for s in stages if not (priced and s == "eval"))
+        print(f"  budget: {b.minutes:g} min wall for the whole pipeline"
+              + ("; the evaluation is priced first (its base model's part, timed) and kept back" if priced else "")
+              + f"; the rest divided by weight ({parts}) among the stages still to run; each training stage's "
+                f"max_minutes is capped at its part")
     if "eval" in stages and recipe.eval.tasks:
         t = recipe.eval.arith
         arith = f" (arith: {', '.join(t.tiers)}, n {t.n}, {t.max_new_tokens} tokens)" if "arith" in recipe.eval.tasks else ""
