@@ -145,6 +145,14 @@ def test_budget_keeps_the_priced_evaluation_back_and_reuses_its_base_part(tmp_pa
     assert "eval: base:" not in eval_log and "eval: sft" in eval_log
     rows = [json.loads(l) for l in (out / "eval" / "eval.jsonl").read_text().splitlines() if l.strip()]
     assert {"base", "sft"} <= {r["label"].split("/")[0] for r in rows}
+    # a pipeline restarted before its eval prices again from the recorded time (the part is cached)
+    from chatforge.pipeline import load_recipe, price_eval, stage_configs
+
+    recipe = load_recipe(TINY, [f"out={out}", "stages=[data,sft,eval]", "sft.max_steps=4",
+                                "eval.chat_defaults_prompts=2"])[0]
+    stages = list(recipe.stages)
+    again = price_eval(recipe, out, stages, stage_configs(recipe, out, stages), lambda *_: None)
+    assert again == pytest.approx(priced, abs=0.1)
 
 
 @pytest.mark.slow
