@@ -213,7 +213,7 @@ class BudgetSpec:
 # prompts) on a 2-core AMD EPYC, natively (bf16) and with the ISA limited to AVX2 (fp32):
 # another model's own part 0.84-1.12 units; KL, proxy and gold RM scoring (fp32) 0.59-0.95
 # units per model; a chat-defaults answer 0.65-1.18 of a base answer (unit / prompts).
-# Eval 100-214 s; priced within 13-20 % (docs/results/demo.md).
+# Eval 80-214 s; priced within 12-50 %, about the host's own run-to-run speed change (docs/results/demo.md).
 PER_MODEL = 1.8              # a model's own part + its share of KL and scoring, in base parts
 PER_CHAT_ANSWER = 0.9        # one chat-defaults answer, in base answers (base part / prompts)
 
