@@ -244,6 +244,7 @@ def price_eval(recipe: "Recipe", root: Path, stages: list[str], configs: dict[st
     None when there are no prompts to price it on."""
     from chatforge.eval.chat_defaults import CANDIDATES
     from chatforge.eval.evaluate import measure_model
+    from chatforge.runs import atomic_write_text
 
     prompts, heldout = eval_inputs(root)
     if prompts is None:
@@ -256,7 +257,7 @@ def price_eval(recipe: "Recipe", root: Path, stages: list[str], configs: dict[st
         except (OSError, ValueError, KeyError, TypeError):
             return None
     else:
-        price.write_text(json.dumps({"base_s": round(secs, 2), "prompts": n}) + "\n")
+        atomic_write_text(price, json.dumps({"base_s": round(secs, 2), "prompts": n}) + "\n")
     e = recipe.eval
     models = 1 + sum(e.max_checkpoints or expected_checkpoints(configs[s]) for s in ("sft", "ppo", "dpo")
                      if s in stages and s in configs)
@@ -525,7 +526,7 @@ def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[s
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # the evaluation's seconds, kept back from the training stages (priced once, before the first)
     reserve: float | None = None
-    price = bool(budget.minutes) and "eval" in stages and not distributed and not (root / "eval" / "DONE").exists()
+    to_price = bool(budget.minutes) and "eval" in stages and not distributed and not (root / "eval" / "DONE").exists()
     for stage in stages:
         folder = root / stage
         if distributed and stage in ("data", "eval") and not (folder / "DONE").exists():
@@ -537,8 +538,8 @@ def run_pipeline(recipe: Recipe, only: list[str] | None = None, log: Callable[[s
         if stage == "gold" and recipe.gold_rm is None:
             log("[gold] no gold RM in the recipe (gold: section with judge rm); skipped")
             continue
-        if price and stage not in ("data", "eval"):
-            price, tp = False, time.time()
+        if to_price and stage not in ("data", "eval"):
+            to_price, tp = False, time.time()
             reserve = price_eval(recipe, root, stages, configs, log)
             timings["eval_price"] = round(time.time() - tp, 1)
         log(f"[{stage}] running -> {folder}")

@@ -436,8 +436,7 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
     prompt_msgs, convs = load_eval_data(prompts, heldout, s, fallback)
     if not convs:
         notes.append("no held-out conversations: perplexity not measured (pass --heldout FILE)")
-    # with ``samples`` > 1 every prompt is answered that many times; items stay grouped by prompt
-    gen_msgs = [p for p in prompt_msgs for _ in range(s.samples)]
+    gen_msgs = answered(prompt_msgs, s)
     progress(f"eval: {len(targets)} model(s) x {len(prompt_msgs)} prompts, {len(convs)} held-out conversations")
 
     # ---- phase 1: per target, one model in memory: perplexity, responses, own log-probs
@@ -514,6 +513,12 @@ def evaluate_runs(runs: Sequence[str | Path] | Mapping[str, str | Path], baselin
     return result
 
 
+def answered(prompt_msgs: list, s: EvalSettings) -> list:
+    """The prompts as decoded: with ``samples`` > 1 each is answered that many times, the
+    answers of a prompt kept together."""
+    return [p for p in prompt_msgs for _ in range(s.samples)]
+
+
 def _own_part(t: Target, prompt_msgs: list, convs: list, s: EvalSettings, cache: Cache
               ) -> tuple[str, dict, float | None]:
     """What needs ``t`` alone in memory: held-out NLL, responses and their log-probs under ``t``.
@@ -531,7 +536,7 @@ def _own_part(t: Target, prompt_msgs: list, convs: list, s: EvalSettings, cache:
     nll = heldout_nll(model, tok, convs, t.template, max(1, s.batch_size // 2), s.max_len) if convs else []
     sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                               top_k=s.top_k, seed=s.seed)
-    gen_msgs = [p for p in prompt_msgs for _ in range(s.samples)]
+    gen_msgs = answered(prompt_msgs, s)
     resp = generate_responses(decoding_copy(model, s.gen_dtype), tok, gen_msgs, t.template, sampling,
                               s.gen_batch_size, s.max_len)
     lps = response_logprobs(model, [r["prompt_ids"] for r in resp], [r["token_ids"] for r in resp],
@@ -570,7 +575,7 @@ def _warm_up(t: Target, prompt_msgs: list, s: EvalSettings) -> None:
 
     model, tok = load(t.path, dtype=s.dtype, merge_adapter=True)
     model.eval()
-    msgs = [p for p in prompt_msgs for _ in range(s.samples)][: s.gen_batch_size]
+    msgs = answered(prompt_msgs, s)[: s.gen_batch_size]
     generate_responses(decoding_copy(model, s.gen_dtype), tok, msgs, t.template,
                        SamplingConfig(max_new_tokens=2, temperature=s.temperature, seed=s.seed), s.gen_batch_size,
                        s.max_len)

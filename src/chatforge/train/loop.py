@@ -24,7 +24,7 @@ What it guarantees:
   The loop stops after the step that brings it within half a step of the budget (judged by
   the step just taken), so a run ends as near its budget as its step allows, under or
   over, instead of always up to one step over: a pipeline's stages keep to their parts
-  (on a slow CPU one step can be a third of a stage's part).
+  (on a slow CPU one step can be most of a stage's part).
 * **Ranks agree**: the out-of-time decision is reduced across ranks (max) every step, so all
   ranks stop after the same step; logged metrics are averaged over ranks (tokens summed).
 * **Checkpoints are accelerate's** (``accelerator.save_state``): model, optimizer, scheduler
