@@ -512,6 +512,14 @@ def test_cli_eval_gold_errors(tiny_runs, capsys):
     assert "is the proxy reward model" in err and "gold=judge" in err and "--gold" in err
 
 
+def test_cli_eval_batch_size_below_one_names_the_flag(capsys):
+    from chatforge.cli import main
+
+    assert main(["eval", "tiny", "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size: must be an integer >= 1, got 0" in err and "Traceback" not in err
+
+
 def test_judge_speaks_to_our_own_server():
     """The request the judge sends is one `chatforge serve` accepts, and the judge reads the
     server's reply. The served tiny model is steered to say " a a a ..." whatever it is asked

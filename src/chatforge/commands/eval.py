@@ -90,6 +90,8 @@ def run(args) -> int:
 
     if bool(args.judge_url) != bool(args.judge_model):
         raise ConfigError("--judge-url and --judge-model go together")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be an integer >= 1, got {args.batch_size}")
     runs: dict[str, str] = {}
     for r in args.runs:
         m = _LABELLED.match(r)
